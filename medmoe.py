@@ -1,0 +1,1084 @@
+"""Med-MoE in one file: vision tower -> projector -> LLM whose FFNs are a routed mixture of
+domain-specific experts plus an always-on meta expert (Jiang et al., EMNLP 2024 Findings).
+
+Read top to bottom, it follows the data through the paper's Figure 2:
+  pixels -> VisionTower (CLIP/SigLIP ViT, frozen) -> Projector (mlp2x_gelu) -> spliced in
+  place of <image> -> LLM blocks (attention + FFN, where every MoE layer's FFN is
+  router -> top-k of `experts` + `meta_expert`) -> logits -> loss / generate.
+The last part loads weights: our own checkpoints (config.json + model.safetensors) and
+conversion from Hugging Face CLIP/SigLIP/LLM/LLaVA and released Med-MoE/MoE-LLaVA layouts.
+"""
+
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+IMAGE_TOKEN = -200  # placeholder id for <image> in a prompt (LLaVA's IMAGE_TOKEN_INDEX)
+IGNORE = -100  # label of positions that are not supervised (image features, prompts, padding)
+
+
+class MedMoEError(Exception):
+    """A problem with the user's input: the CLI prints it as one line, never a traceback."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class VisionConfig:
+    kind: str = "clip"  # "clip": class token + pre-layernorm; "siglip": patch tokens only
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 23  # layers kept = the feature layer (CLIP-L has 24; Med-MoE uses the 23rd)
+    num_heads: int = 16
+    norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class LLMConfig:
+    arch: str = "phi"  # phi | stablelm | qwen2 | llama (llama also covers mistral/mixtral/smollm)
+    vocab_size: int = 51200
+    hidden_size: int = 2560
+    intermediate_size: int = 10240
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0 -> hidden_size // num_heads
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0  # Phi-2 0.4, StableLM-2 0.25: rotary on the first part of each head
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    act: str = "gelu_tanh"
+    gated_mlp: bool = False  # SwiGLU: down(act(gate(x)) * up(x))
+    parallel_block: bool = False  # Phi: x + attn(ln(x)) + ffn(ln(x))
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    tie_embeddings: bool = False
+    bos_id: int | None = None
+    eos_ids: list = field(default_factory=list)
+    pad_id: int = 0
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 4
+    top_k: int = 1  # released Med-MoE scripts: top-1 + meta expert (the paper's text says top-2)
+    layers: str | list = "sparse"  # sparse | dense | first_half | second_half | [layer ids]
+    meta_expert: bool = True
+    renormalize: bool = False  # True: combine weights sum to 1 over the top-k (Mixtral)
+    router_bias: bool = True
+    aux_loss_coef: float = 0.0  # Med-MoE 0; MoE-LLaVA 0.01
+    z_loss_coef: float = 0.0
+    dispatch: str = "auto"  # kernels.moe_mlp implementation
+
+
+@dataclass
+class Config:
+    llm: LLMConfig
+    vision: VisionConfig | None = None
+    projector: str = "mlp2x_gelu"  # mlp2x_gelu | linear
+    moe: MoEConfig | None = None
+    template: str = "phi"  # conversation template (data.py)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        def build(klass, sub):
+            if sub is None:
+                return None
+            known = {f.name for f in fields(klass)}
+            unknown = set(sub) - known
+            if unknown:
+                raise MedMoEError(f"config.json: unknown {klass.__name__} keys {sorted(unknown)}")
+            return klass(**sub)
+
+        return cls(
+            llm=build(LLMConfig, d["llm"]),
+            vision=build(VisionConfig, d.get("vision")),
+            projector=d.get("projector", "mlp2x_gelu"),
+            moe=build(MoEConfig, d.get("moe")),
+            template=d.get("template", "phi"),
+        )
+
+
+def moe_layer_ids(moe, num_layers):
+    """Which decoder layers get an MoE FFN (MoE-LLaVA's `moe_mode`)."""
+    if isinstance(moe.layers, (list, tuple)):
+        ids = list(moe.layers)
+    else:
+        modes = {
+            "sparse": range(num_layers)[::2],  # every other layer: 16 of 32 (Phi-2), 12 of 24 (StableLM)
+            "dense": range(num_layers),
+            "first_half": range(num_layers // 2),
+            "second_half": range(num_layers // 2, num_layers),
+        }
+        if moe.layers not in modes:
+            raise MedMoEError(f"unknown MoE placement {moe.layers!r} (choose {', '.join(modes)} or a list of ids)")
+        ids = list(modes[moe.layers])
+    if any(not 0 <= i < num_layers for i in ids):
+        raise MedMoEError(f"MoE layer ids {ids} out of range for {num_layers} layers")
+    return ids
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)  # CLIP's activation
+
+
+ACTS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF gelu_new / gelu_pytorch_tanh
+    "quick_gelu": quick_gelu,
+    "silu": F.silu,
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back before the scale, as the Llama/Qwen2 reference does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(kind, dim, eps):
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embedding on the first `dim` channels of a head."""
+
+    def __init__(self, dim, theta):
+        super().__init__()
+        self.dim, self.theta = dim, theta
+        self.reset_buffers()
+
+    def reset_buffers(self, device=None):
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions, dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, dim/2], in fp32 as the reference
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, dim]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first cos.shape[-1] channels (the rotate-half convention of GPT-NeoX/HF)."""
+    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+    half = rot.shape[-1] // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values (gpt-fast style): decoding writes in place, shapes never change."""
+
+    def __init__(self, batch, kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional rotary and KV cache.
+    Used by the vision tower (bidirectional, no rotary) and the LLM (causal)."""
+
+    def __init__(self, dim, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=o_bias)
+        self.kv_cache = None
+
+    def forward(self, x, rope=None, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        gqa = self.num_heads != self.num_kv_heads
+        if isinstance(mask, str):  # "causal" / "full": no padding, let SDPA pick its fastest kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """One dense FFN: down(act(up(x))) or, gated (SwiGLU), down(act(gate(x)) * up(x)).
+    Names follow Llama; Phi/CLIP's fc1/fc2 are up_proj/down_proj."""
+
+    def __init__(self, dim, hidden, act, gated, bias):
+        super().__init__()
+        self.act = ACTS[act]
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias) if gated else None
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        h = self.up_proj(x)
+        h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
+        return self.down_proj(h)
+
+
+# ----------------------------------------------------------------------------- vision tower
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.attn_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.attn = Attention(d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, True, True)
+        self.ffn_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.ffn = FeedForward(d, cfg.intermediate_size, cfg.act, gated=False, bias=True)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x), mask="full")
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class VisionTower(nn.Module):
+    """ViT returning the patch features of its last kept layer. Only the layers up to the
+    feature layer are kept: LLaVA reads hidden_states[-2], so CLIP-L's last layer and its
+    post-layernorm would be dead weight."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        clip = cfg.kind == "clip"
+        d = cfg.hidden_size
+        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=not clip)
+        self.class_embed = nn.Parameter(torch.zeros(d)) if clip else None
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches + clip, d))
+        self.pre_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if clip else None
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, pixels):
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.class_embed is not None:
+            x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1), x], dim=1)
+        x = x + self.pos_embed
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 1:] if self.class_embed is not None else x  # CLIP: drop the class token
+
+
+def make_projector(kind, vision_dim, dim):
+    if kind == "linear":
+        return nn.Linear(vision_dim, dim)
+    if kind == "mlp2x_gelu":  # Sequential indices 0/2 match the released `image_spatial_proj.{0,2}`
+        return nn.Sequential(nn.Linear(vision_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+    raise MedMoEError(f"unknown projector {kind!r} (choose mlp2x_gelu or linear)")
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+class Experts(nn.Module):
+    """E feed-forward experts stored as stacked [E, out, in] tensors, so that dispatch is one
+    grouped GEMM per projection (kernels.py) instead of a Python loop over modules."""
+
+    def __init__(self, num_experts, dim, hidden, act, gated, bias, device=None):
+        super().__init__()
+        self.act = ACTS[act]
+
+        def param(out_dim, in_dim=None):  # nn.Linear's default init, one slice per expert
+            shape = (num_experts, out_dim) if in_dim is None else (num_experts, out_dim, in_dim)
+            bound = 1 / math.sqrt(in_dim or (dim if out_dim == hidden else hidden))
+            return nn.Parameter(torch.empty(shape, device=device).uniform_(-bound, bound))
+
+        self.up_proj = param(hidden, dim)
+        self.up_bias = param(hidden) if bias else None
+        self.gate_proj = param(hidden, dim) if gated else None
+        self.down_proj = param(dim, hidden)
+        self.down_bias = param(dim) if bias else None
+
+    @torch.no_grad()
+    def copy_from(self, ffn: FeedForward):
+        """Upcycling: every expert starts as a copy of the dense FFN (Med-MoE stage 3 `deepcopy`)."""
+        for name in ("up_proj", "gate_proj", "down_proj"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(ffn, name).weight.expand_as(getattr(self, name)))
+        for name, lin in (("up_bias", ffn.up_proj), ("down_bias", ffn.down_proj)):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(lin.bias.expand_as(getattr(self, name)))
+
+    def forward(self, x, expert_idx, expert_weight, impl="auto"):
+        return kernels.moe_mlp(
+            x, expert_idx, expert_weight, self.up_proj, self.down_proj, w_gate=self.gate_proj,
+            b_in=self.up_bias, b_out=self.down_bias, act=self.act, impl=impl,
+        )
+
+
+class MoE(nn.Module):
+    """Med-MoE's FFN: out = sum_{i in top-k} g_i * E_i(x) + E_meta(x)   (paper Eq. 4-5).
+
+    The router is a linear modality classifier over each token's FFN input, in fp32; g_i are
+    its softmax probabilities, *not* renormalised over the top-k (released code; renormalise
+    for Mixtral). The meta expert is the dense stage-2 FFN, always on and added unweighted."""
+
+    def __init__(self, cfg: LLMConfig, moe: MoEConfig, dense: FeedForward | None = None):
+        super().__init__()
+        self.moe = moe
+        H, Fh = cfg.hidden_size, cfg.intermediate_size
+        device = dense.up_proj.weight.device if dense is not None else None
+        self.router = nn.Linear(H, moe.num_experts, bias=moe.router_bias, device=device)
+        self.experts = Experts(moe.num_experts, H, Fh, cfg.act, cfg.gated_mlp, cfg.mlp_bias, device)
+        self.meta_expert = None
+        if moe.meta_expert:
+            self.meta_expert = dense if dense is not None else FeedForward(H, Fh, cfg.act, cfg.gated_mlp, cfg.mlp_bias)
+        if dense is not None:  # upcycling a stage-2 FFN: experts = copies, meta expert = the FFN itself
+            self.experts.copy_from(dense)
+        self.router_logits = None  # last forward's [tokens, E], read by the loss and `route`
+        self.reset_buffers(device)
+
+    def reset_buffers(self, device=None):
+        self.register_buffer("tokens_per_expert", torch.zeros(self.moe.num_experts, dtype=torch.long, device=device), persistent=False)
+
+    def route(self, x):
+        """Router in fp32 even under bf16 autocast: small logit gaps decide the expert."""
+        w, b = self.router.weight, self.router.bias
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), w.float(), None if b is None else b.float())
+        probs = logits.softmax(-1)
+        weight, idx = probs.topk(self.moe.top_k, dim=-1)
+        if self.moe.renormalize:
+            weight = weight / weight.sum(-1, keepdim=True)
+        return logits, weight, idx
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weight, idx = self.route(x)
+        self.router_logits = logits
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.moe.num_experts)
+        out = self.experts(x, idx, weight.to(x.dtype), impl=self.moe.dispatch)
+        if self.meta_expert is not None:
+            out = out + self.meta_expert(x)
+        return out.view(shape)
+
+
+def load_balancing_loss(logits, top_k):
+    """Switch-Transformer aux loss E * sum_e f_e * P_e (f: fraction of routed slots, P: mean prob)."""
+    E = logits.shape[-1]
+    probs = logits.softmax(-1)
+    chosen = F.one_hot(probs.topk(top_k, -1).indices, E).sum(1).float()
+    return E * (chosen.mean(0) / top_k * probs.mean(0)).sum()
+
+
+def router_z_loss(logits):
+    return torch.logsumexp(logits, -1).pow(2).mean()  # ST-MoE: keeps router logits small
+
+
+# ----------------------------------------------------------------------------- language model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLMConfig, moe: MoEConfig | None = None):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.attn_norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, cfg.o_bias)
+        self.ffn_norm = None if self.parallel else make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        if moe is not None:
+            self.ffn = MoE(cfg, moe)
+        else:
+            self.ffn = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.act, cfg.gated_mlp, cfg.mlp_bias)
+
+    def forward(self, x, rope, mask, input_pos=None):
+        h = self.attn_norm(x)
+        if self.parallel:  # Phi-2: attention and FFN both read the same normed input
+            return x + self.attn(h, rope, mask, input_pos) + self.ffn(h)
+        x = x + self.attn(h, rope, mask, input_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class LLM(nn.Module):
+    def __init__(self, cfg: LLMConfig, moe: MoEConfig | None = None):
+        super().__init__()
+        self.cfg = cfg
+        moe_ids = set(moe_layer_ids(moe, cfg.num_layers)) if moe else set()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(int(cfg.head_dim * cfg.rotary_pct), cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg, moe if i in moe_ids else None) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def moe_layers(self):
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def upcycle(self, moe: MoEConfig):
+        """Stage 3: turn the chosen dense FFNs into MoE layers (experts = copies, meta = the FFN)."""
+        for i in moe_layer_ids(moe, self.cfg.num_layers):
+            self.layers[i].ffn = MoE(self.cfg, moe, dense=self.layers[i].ffn)
+
+    def setup_cache(self, batch, max_len, dtype, device):
+        c = self.cfg
+        for b in self.layers:
+            b.attn.kv_cache = KVCache(batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
+
+    def clear_cache(self):
+        for b in self.layers:
+            b.attn.kv_cache = None
+
+    def forward(self, embeds, positions=None, key_valid=None, input_pos=None, last_only=False):
+        """embeds [B, T, H]; positions [B, T] rotary positions; key_valid [B, S] marks real
+        (non-padding) keys, S = T without a cache or the cache length; input_pos [T] = where
+        these tokens sit in the cache. Returns logits [B, T, V] (or [B, V] if last_only)."""
+        B, T, _ = embeds.shape
+        if positions is None:
+            positions = torch.arange(T, device=embeds.device).expand(B, T)
+        rope = self.rotary(positions, embeds.dtype)
+        mask = attention_mask(key_valid, input_pos, T, embeds.device)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        x = self.norm(x[:, -1] if last_only else x)
+        return self.lm_head(x)
+
+
+def attention_mask(key_valid, input_pos, T, device):
+    """Causal + padding mask [B, 1, T, S]; "causal" when there is neither padding nor cache."""
+    if key_valid is None and input_pos is None:
+        return "causal"
+    q_pos = input_pos if input_pos is not None else torch.arange(T, device=device)
+    S = key_valid.shape[1] if key_valid is not None else T
+    k_pos = torch.arange(S, device=device)
+    mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    if key_valid is not None:
+        # a padding query would see no key at all and SDPA would return NaN, which then leaks
+        # through 0 * NaN; letting every query see itself keeps padded rows finite
+        mask = (mask & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
+    return mask[:, None] if mask.dim() == 3 else mask
+
+
+# ----------------------------------------------------------------------------- the vision-language model
+
+
+class MedMoE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision) if cfg.vision else None
+        self.projector = make_projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size) if cfg.vision else None
+        self.llm = LLM(cfg.llm, cfg.moe)
+
+    def encode_images(self, pixels):
+        """[N, 3, S, S] -> [N, patches, H]: the visual tokens that replace <image>."""
+        return self.projector(self.vision(pixels))
+
+    def splice(self, input_ids, pixels=None, labels=None, pad_left=False):
+        """Replace each IMAGE_TOKEN in the id lists by its image's projected features (images in
+        order of appearance), label them IGNORE, truncate to the context length and pad.
+        Returns embeds [B, T, H], valid [B, T] (False on padding) and labels [B, T] or None."""
+        emb = self.llm.embed
+        feats = iter(self.encode_images(pixels).to(emb.weight.dtype)) if pixels is not None else iter(())
+        seqs, labs = [], []
+        for b, ids in enumerate(input_ids):
+            ids = torch.as_tensor(ids, device=emb.weight.device)
+            lab = torch.as_tensor(labels[b], device=ids.device) if labels is not None else ids
+            cuts = (ids == IMAGE_TOKEN).nonzero().flatten().tolist()
+            parts, part_labels, start = [], [], 0
+            for cut in cuts + [len(ids)]:
+                parts.append(emb(ids[start:cut]))
+                part_labels.append(lab[start:cut])
+                if cut < len(ids):
+                    f = next(feats, None)
+                    if f is None:
+                        raise MedMoEError(f"prompt {b} has more <image> placeholders than images given")
+                    parts.append(f)
+                    part_labels.append(torch.full((len(f),), IGNORE, device=ids.device))
+                start = cut + 1
+            seqs.append(torch.cat(parts)[: self.cfg.llm.max_seq_len])
+            labs.append(torch.cat(part_labels)[: self.cfg.llm.max_seq_len])
+        T = max(len(s) for s in seqs)
+        B, H = len(seqs), emb.weight.shape[1]
+        embeds = emb.weight.new_zeros(B, T, H)
+        valid = torch.zeros(B, T, dtype=torch.bool, device=embeds.device)
+        out_labels = torch.full((B, T), IGNORE, device=embeds.device)
+        for b, (s, lab) in enumerate(zip(seqs, labs)):
+            sl = slice(T - len(s), T) if pad_left else slice(0, len(s))
+            embeds[b, sl], valid[b, sl], out_labels[b, sl] = s, True, lab
+        return embeds, valid, (out_labels if labels is not None else None)
+
+    def forward(self, input_ids, pixels=None, labels=None):
+        """Training/scoring forward: right-padded batch -> (logits, loss or None)."""
+        embeds, valid, labels = self.splice(input_ids, pixels, labels)
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+        logits = self.llm(embeds, positions, None if valid.all() else valid)
+        return logits, (self.loss(logits, labels) if labels is not None else None)
+
+    def loss(self, logits, labels):
+        """Next-token cross-entropy plus the MoE aux terms (both weighted 0 in Med-MoE)."""
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        moe = self.cfg.moe
+        for layer in self.llm.moe_layers():
+            if moe.aux_loss_coef:
+                ce = ce + moe.aux_loss_coef * load_balancing_loss(layer.router_logits, moe.top_k)
+            if moe.z_loss_coef:
+                ce = ce + moe.z_loss_coef * router_z_loss(layer.router_logits)
+        return ce
+
+    @torch.inference_mode()
+    def generate_stream(self, input_ids, pixels=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
+                        stop_ids=None, generator=None):
+        """Yield the next token of every prompt [B] per step (left-padded batch, KV cache).
+        Rows that finished keep yielding their stop token; stops when all have finished."""
+        embeds, valid, _ = self.splice(input_ids, pixels, pad_left=True)
+        B, T, _ = embeds.shape
+        stop = torch.tensor(sorted(stop_ids if stop_ids is not None else self.cfg.llm.eos_ids) or [-1], device=embeds.device)
+        total = min(T + max_new_tokens, self.cfg.llm.max_seq_len)
+        self.llm.setup_cache(B, total, embeds.dtype, embeds.device)
+        try:
+            key_valid = torch.zeros(B, total, dtype=torch.bool, device=embeds.device)
+            key_valid[:, :T] = valid
+            positions = (valid.cumsum(-1) - 1).clamp(min=0)
+            input_pos = torch.arange(T, device=embeds.device)
+            logits = self.llm(embeds, positions, key_valid, input_pos, last_only=True)
+            done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+            for step in range(total - T):
+                tok = sample(logits, temperature, top_p, generator)
+                tok = torch.where(done, stop[0], tok)
+                done |= torch.isin(tok, stop)
+                yield tok
+                if done.all() or step == total - T - 1:
+                    break
+                input_pos = input_pos[-1:] + 1
+                positions = positions[:, -1:] + 1
+                key_valid[:, input_pos] = True
+                logits = self.llm(self.llm.embed(tok[:, None]), positions, key_valid, input_pos, last_only=True)
+        finally:
+            self.llm.clear_cache()
+
+    def generate(self, input_ids, pixels=None, **kw):
+        """Greedy (temperature 0) or sampled continuations, one id list per prompt, stop tokens removed."""
+        stop = set(kw.get("stop_ids") if kw.get("stop_ids") is not None else self.cfg.llm.eos_ids)
+        out = [[] for _ in input_ids]
+        finished = [False] * len(input_ids)
+        for tok in self.generate_stream(input_ids, pixels, **kw):
+            for b, t in enumerate(tok.tolist()):
+                if not finished[b]:
+                    finished[b] = t in stop
+                    if not finished[b]:
+                        out[b].append(t)
+        return out
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Greedy at temperature 0; otherwise nucleus sampling over the smallest set with mass >= top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep tokens until the mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def count_params(model: MedMoE):
+    """Total and per-token activated parameters. A token runs top_k of the E experts in an MoE
+    layer *plus* the meta expert, so the meta expert counts as activated; top-1 + meta thus
+    activates what top-2 does (the paper's 3.6B Phi-2 / 2.0B StableLM count the LLM so)."""
+    n = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+    llm_active = n(model.llm)
+    for layer in model.llm.moe_layers():
+        llm_active -= n(layer.experts) // layer.moe.num_experts * (layer.moe.num_experts - layer.moe.top_k)
+    return {"vision": n(model.vision), "projector": n(model.projector), "llm": n(model.llm),
+            "llm_active": llm_active, "total": n(model)}
+
+
+def describe(model: MedMoE):
+    """The `medmoe info` text: architecture and parameter counts."""
+    c, v, moe = model.cfg.llm, model.cfg.vision, model.cfg.moe
+    p = count_params(model)
+    B = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"  # noqa: E731
+    block = "parallel attention+FFN" if c.parallel_block else "sequential attention, FFN"
+    mlp = f"SwiGLU {c.intermediate_size}" if c.gated_mlp else f"{c.act} MLP {c.intermediate_size}"
+    lines = [
+        f"LLM         {c.arch}: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} kv), "
+        f"{block}, {c.norm}, {mlp}, rotary {c.rotary_pct:g} of head_dim {c.head_dim}, vocab {c.vocab_size}, "
+        f"context {c.max_seq_len}{', tied embeddings' if c.tie_embeddings else ''}",
+    ]
+    if v:
+        lines.append(f"vision      {v.kind}: {v.image_size}px / patch {v.patch_size} -> {v.num_patches} tokens x {v.hidden_size}, "
+                     f"{v.num_layers} layers kept (features of the last)")
+        lines.append(f"projector   {model.cfg.projector}")
+    if moe:
+        n_moe = len(model.llm.moe_layers())
+        meta = " + meta expert" if moe.meta_expert else ""
+        lines.append(f"MoE         {n_moe} of {c.num_layers} layers ({moe.layers}): {moe.num_experts} experts, top-{moe.top_k}{meta}, "
+                     f"weights {'renormalised' if moe.renormalize else 'softmax probabilities'}, aux {moe.aux_loss_coef:g}, z {moe.z_loss_coef:g}")
+    lines.append(f"parameters  total {B(p['total'])} = LLM {B(p['llm'])} + vision {B(p['vision'])} + projector {B(p['projector'])}")
+    note = " (the meta expert runs for every token, so it counts as activated)" if moe and moe.meta_expert else ""
+    lines.append(f"activated   {B(p['llm_active'])} per token in the LLM{note}; "
+                 f"{B(p['llm_active'] + p['vision'] + p['projector'])} with vision tower and projector")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- weights: read, save, load
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """Memory-map a .safetensors file: tensors are views of the file, read lazily by the OS.
+    (Copy-on-write mapping, so training may update them without touching the file.)"""
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 1 or 8 + n > size:
+                raise MedMoEError(f"{path}: not a safetensors file, or truncated")
+            header = json.loads(f.read(n))
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise MedMoEError(f"{path}: cannot read safetensors header ({e})") from None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise MedMoEError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        count = math.prod(info["shape"])
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = t.view(info["shape"])
+    return tensors
+
+
+def read_weights(directory):
+    """All tensors of a checkpoint directory: (sharded) safetensors, or PyTorch .bin as older
+    releases ship them (loaded with mmap, weights only: no code from the file is run)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(directory, index_name)
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            break
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(directory, n))][:1]
+    if not files:
+        raise MedMoEError(f"{directory}: no model.safetensors or pytorch_model.bin (nor an index of shards)")
+    tensors = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise MedMoEError(f"{path}: missing (listed in the shard index)")
+        if name.endswith(".safetensors"):
+            tensors.update(read_safetensors(path))
+        else:
+            try:
+                tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as e:  # torch raises many types for a bad zip/pickle
+                raise MedMoEError(f"{path}: unreadable PyTorch weights ({type(e).__name__})") from None
+    return tensors
+
+
+def expected_tensors(model):
+    """name -> shape of what a checkpoint must hold (a tied lm_head is stored once)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.cfg.llm.tie_embeddings:
+        shapes.pop("llm.lm_head.weight")
+    return shapes
+
+
+def check_tensors(model, tensors, where):
+    expected = expected_tensors(model)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise MedMoEError(f"{where}: missing tensor {name!r} (expected shape {shape})")
+        if tuple(tensors[name].shape) != shape:
+            raise MedMoEError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise MedMoEError(f"{where}: unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def load_config(directory):
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise MedMoEError(f"{directory}: no config.json (not a medmoe checkpoint directory)")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise MedMoEError(f"{path}: invalid JSON ({e})") from None
+    if "llm" not in d:
+        hint = " (a Hugging Face or Med-MoE checkpoint: run `medmoe convert` first)" if "model_type" in d or "architectures" in d else ""
+        raise MedMoEError(f"{path}: not a medmoe config{hint}")
+    arch = d["llm"].get("arch")
+    if arch not in ARCHS:
+        raise MedMoEError(f"{path}: unknown architecture {arch!r} (supported: {', '.join(ARCHS)})")
+    return Config.from_dict(d)
+
+
+def cast_tensors(tensors, dtype):
+    """Cast floating tensors to dtype, except routers: they stay fp32 (see MoE.route)."""
+    if dtype is None:
+        return tensors
+    return {k: (v.to(dtype) if v.is_floating_point() and ".router." not in k else v) for k, v in tensors.items()}
+
+
+def reset_buffers(model, device=None):
+    """Non-persistent buffers (rotary tables, expert counters) are rebuilt, not loaded."""
+    for m in model.modules():
+        if hasattr(m, "reset_buffers") and not isinstance(m, nn.LayerNorm):
+            m.reset_buffers(device)
+
+
+def load_model(directory, dtype=None, device="cpu"):
+    """Load a medmoe checkpoint directory. Tensors are memory-mapped when no cast is needed."""
+    cfg = load_config(directory)
+    with torch.device("meta"):
+        model = MedMoE(cfg)
+    path = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(path):
+        raise MedMoEError(f"{directory}: missing weights file model.safetensors")
+    tensors = read_safetensors(path)
+    check_tensors(model, tensors, path)
+    model.load_state_dict(cast_tensors(tensors, dtype), strict=not cfg.llm.tie_embeddings, assign=True)
+    if cfg.llm.tie_embeddings:
+        model.llm.lm_head.weight = model.llm.embed.weight
+    reset_buffers(model)
+    return model.to(device).eval()
+
+
+def atomic_write(path, write):
+    """Write to a temporary file then rename: a kill at any moment leaves the old file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_model(model, directory, tokenizer_json=None):
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    keep = expected_tensors(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keep}
+    atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
+    config = json.dumps(model.cfg.to_dict(), indent=2)
+    atomic_write(os.path.join(directory, "config.json"), lambda p: open(p, "w").write(config))
+    if tokenizer_json and os.path.abspath(tokenizer_json) != os.path.abspath(os.path.join(directory, "tokenizer.json")):
+        data = open(tokenizer_json, "rb").read()
+        atomic_write(os.path.join(directory, "tokenizer.json"), lambda p: open(p, "wb").write(data))
+
+
+# ----------------------------------------------------------------------------- conversion from Hugging Face / Med-MoE
+
+# What each supported `model_type` means for the decoder (the rest is read from its config).
+ARCHS = {
+    "phi": dict(norm="layernorm", act="gelu_tanh", gated_mlp=False, parallel_block=True, qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True),
+    "stablelm": dict(norm="layernorm", act="silu", gated_mlp=True),
+    "qwen2": dict(norm="rmsnorm", act="silu", gated_mlp=True, qkv_bias=True),
+    "llama": dict(norm="rmsnorm", act="silu", gated_mlp=True),
+}
+MODEL_TYPES = {"phi": "phi", "stablelm": "stablelm", "qwen2": "qwen2", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
+HF_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
+
+
+def hf_llm_config(hf, max_seq_len=None):
+    """LLMConfig (and MoEConfig for Mixtral) from a Hugging Face decoder config.json dict."""
+    mt = hf.get("model_type", "?")
+    if mt not in MODEL_TYPES:
+        raise MedMoEError(f"unknown architecture {mt!r} (supported: {', '.join(MODEL_TYPES)})")
+    arch = MODEL_TYPES[mt]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise MedMoEError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    for flag in ("qk_layernorm", "use_parallel_residual"):
+        if hf.get(flag):
+            raise MedMoEError(f"{mt} with {flag}=true is not supported")
+    eos = hf.get("eos_token_id")
+    kw = dict(ARCHS[arch])
+    kw["act"] = HF_ACTS.get(hf.get("hidden_act", ""), kw["act"])
+    if arch == "stablelm":
+        kw["qkv_bias"] = hf.get("use_qkv_bias", False)
+    if arch == "llama":
+        kw.update(qkv_bias=hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False))
+    llm = LLMConfig(
+        arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0, max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rotary_pct=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
+        norm_eps=hf.get("rms_norm_eps", hf.get("layer_norm_eps", hf.get("layer_norm_epsilon", 1e-5))),
+        tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"),
+        eos_ids=eos if isinstance(eos, list) else ([eos] if eos is not None else []),
+        pad_id=hf.get("pad_token_id") or 0, **kw,
+    )
+    moe = None
+    if mt == "mixtral":  # Mixtral semantics: every layer, top-k renormalised, bias-free router, no meta expert
+        moe = MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"], layers="dense",
+                        meta_expert=False, renormalize=True, router_bias=False)
+    return llm, moe
+
+
+def hf_vision_config(hf, preprocessor=None, feature_layer=-2):
+    hf = hf.get("vision_config", hf)  # a full CLIPModel/SiglipModel config nests the vision part
+    mt = hf.get("model_type", "")
+    kind = "clip" if "clip" in mt else "siglip" if "siglip" in mt else None
+    if kind is None:
+        raise MedMoEError(f"unknown vision architecture {mt!r} (supported: clip, siglip)")
+    L = hf["num_hidden_layers"]
+    keep = feature_layer if feature_layer >= 0 else L + 1 + feature_layer  # HF hidden_states has L+1 entries
+    if not 0 <= keep <= L:
+        raise MedMoEError(f"feature layer {feature_layer} out of range for a {L}-layer vision tower")
+    default = VisionConfig() if kind == "clip" else VisionConfig(mean=(0.5,) * 3, std=(0.5,) * 3)
+    pre = preprocessor or {}
+    return VisionConfig(
+        kind=kind, image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=keep, num_heads=hf["num_attention_heads"],
+        norm_eps=hf.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6),
+        act=HF_ACTS[hf.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh")],
+        mean=tuple(pre.get("image_mean", default.mean)), std=tuple(pre.get("image_std", default.std)),
+    )
+
+
+# Source-key patterns -> our names, first match wins; None drops the tensor. A name ending in
+# "[e]" is expert e of a stacked tensor (Experts stores all experts of a layer in one tensor).
+VISION_KEYS = [
+    (r"embeddings\.class_embedding", "class_embed"),
+    (r"embeddings\.patch_embedding\.", "patch_embed."),
+    (r"embeddings\.position_embedding\.weight", "pos_embed"),
+    (r"embeddings\.position_ids", None),
+    (r"pre_layrnorm\.", "pre_norm."),
+    (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"layers.\1.attn_norm."),
+    (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"layers.\1.ffn_norm."),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"layers.\1.attn.o_proj."),
+    (r"encoder\.layers\.(\d+)\.self_attn\.", r"layers.\1.attn."),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.up_proj."),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.down_proj."),
+    (r"(post_layernorm|head)\.", None),  # features come from an inner layer: unused
+]
+EXPERT_PARAMS = r"(fc1|fc2|up_proj|gate_proj|down_proj|w1|w2|w3)\.(weight|bias)"
+LLM_KEYS = [
+    (r"embed_tokens\.", "embed."),
+    (r"layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
+    (r"layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+    (r"layers\.(\d+)\.self_attn\.(dense|o_proj)\.", r"layers.\1.attn.o_proj."),
+    (r"layers\.(\d+)\.self_attn\.([qkv]_proj)\.", r"layers.\1.attn.\2."),
+    (r"layers\.(\d+)\.self_attn\.rotary_emb\.", None),
+    (r"layers\.(\d+)\.mlp\.(fc1|up_proj)\.", r"layers.\1.ffn.up_proj."),
+    (r"layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.ffn.gate_proj."),
+    (r"layers\.(\d+)\.mlp\.(fc2|down_proj)\.", r"layers.\1.ffn.down_proj."),
+    # Med-MoE / MoE-LLaVA (DeepSpeed MoE layer): router `wg`, experts, the always-on meta expert
+    (r"layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.", r"layers.\1.ffn.router."),
+    (rf"layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.{EXPERT_PARAMS}", r"layers.\1.ffn.experts.\3.\4[\2]"),
+    (r"layers\.(\d+)\.mlp\.meta_moe\.(?:.*\.)?(fc1|up_proj)\.", r"layers.\1.ffn.meta_expert.up_proj."),
+    (r"layers\.(\d+)\.mlp\.meta_moe\.(?:.*\.)?gate_proj\.", r"layers.\1.ffn.meta_expert.gate_proj."),
+    (r"layers\.(\d+)\.mlp\.meta_moe\.(?:.*\.)?(fc2|down_proj)\.", r"layers.\1.ffn.meta_expert.down_proj."),
+    # Mixtral
+    (r"layers\.(\d+)\.block_sparse_moe\.gate\.", r"layers.\1.ffn.router."),
+    (rf"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.{EXPERT_PARAMS}", r"layers.\1.ffn.experts.\3.\4[\2]"),
+    (r"(final_layernorm|norm)\.", "norm."),
+    (r"lm_head\.", "lm_head."),
+]
+PROJECTOR_KEYS = [(r"(?:linear_1|0)\.", "0."), (r"(?:linear_2|2)\.", "2."), (r"(weight|bias)$", r"\1")]
+# Which part of the model a source key belongs to, and the prefix to strip.
+COMPONENTS = [
+    (r"(?:model\.)?(?:vision_tower|image_tower\.image_tower)\.(?:vision_model\.)?", "vision"),
+    (r"vision_model\.", "vision"),
+    (r"(?:model\.)?(?:multi_modal_projector|mm_projector(?:\.image_spatial_proj)?)\.", "projector"),
+    (r"(?:text_model|text_projection|visual_projection|logit_scale|logit_bias)", None),  # CLIP/SigLIP text side
+    (r"(?:language_model\.)?(?=lm_head\.)", "llm"),
+    (r"(?:model\.language_model\.|language_model\.model\.|model\.)", "llm"),
+    (r"(?=embeddings\.|encoder\.|pre_layrnorm|post_layernorm|head\.)", "vision"),  # bare CLIPVisionModel
+]
+# Per-expert names (Phi fc1/fc2, Llama up/gate/down, Mixtral w1=gate w3=up w2=down) -> Experts fields
+EXPERT_FIELDS = {"fc1.weight": "up_proj", "fc1.bias": "up_bias", "up_proj.weight": "up_proj", "gate_proj.weight": "gate_proj",
+                 "fc2.weight": "down_proj", "fc2.bias": "down_bias", "down_proj.weight": "down_proj",
+                 "w1.weight": "gate_proj", "w3.weight": "up_proj", "w2.weight": "down_proj"}
+
+
+def rename(key, rules):
+    """(our name or None to drop, or False when no rule knows the key)."""
+    for pattern, repl in rules:
+        m = re.match(pattern, key)
+        if m:
+            return None if repl is None else m.expand(repl) + key[m.end():]
+    return False
+
+
+def split_component(key):
+    """("vision" | "projector" | "llm" | None to drop | False unknown, rest of the key)."""
+    for pattern, part in COMPONENTS:
+        m = re.match(pattern, key)
+        if m:
+            return part, key[m.end():]
+    return False, key
+
+
+def convert_tensors(tensors, where, only=None):
+    """Rename a source state dict to ours, stacking per-expert tensors into Experts fields."""
+    rules = {"vision": VISION_KEYS, "llm": LLM_KEYS, "projector": PROJECTOR_KEYS}
+    out, experts = {}, {}
+    for key, t in tensors.items():
+        part, rest = split_component(key)
+        if part is None:
+            continue
+        name = rename(rest, rules[part]) if part and (not only or part in only) else False
+        if name is None:
+            continue
+        if name is False:
+            raise MedMoEError(f"{where}: unexpected tensor {key!r} (not a supported layout)")
+        e = re.match(r"(.*)\.experts\.(.+)\[(\d+)\]$", name)
+        if e:
+            field_name = EXPERT_FIELDS[e.group(2)]
+            experts.setdefault(f"{part}.{e.group(1)}.experts.{field_name}", {})[int(e.group(3))] = t
+        else:
+            out[f"{part}.{name}"] = t
+    for name, per_expert in experts.items():
+        out[name] = torch.stack([per_expert[i] for i in sorted(per_expert)])
+    return out
+
+
+def read_json(path, required=True):
+    if not os.path.isfile(path):
+        if required:
+            raise MedMoEError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}")
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise MedMoEError(f"{path}: invalid JSON ({e})") from None
+
+
+def find_tokenizer(*dirs):
+    for d in dirs:
+        if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return os.path.join(d, "tokenizer.json")
+    return None
+
+
+def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, dtype=None, feature_layer=-2,
+            template=None, max_seq_len=None, seed=0):
+    """Build a medmoe checkpoint from one of:
+    vision (+ llm): Hugging Face CLIP/SigLIP + decoder directories, projector freshly initialised;
+    llava: a Hugging Face LlavaForConditionalGeneration directory;
+    medmoe: a released Med-MoE / MoE-LLaVA directory (+ vision when its tower is not inside)."""
+    if sum(x is not None for x in (llm, llava, medmoe)) != 1:
+        raise MedMoEError("give exactly one of --llm (with --vision), --llava or --medmoe")
+    for d in (vision, llm, llava, medmoe):
+        if d is not None and not os.path.isdir(d):
+            raise MedMoEError(f"{d}: not a directory")
+    src = llm or llava or medmoe
+    hf = read_json(os.path.join(src, "config.json"))
+    tensors = {}
+    if llava:
+        if hf.get("model_type") != "llava":
+            raise MedMoEError(f"{llava}: model_type {hf.get('model_type')!r} is not llava")
+        llm_cfg, moe = hf_llm_config(hf["text_config"], max_seq_len)
+        vis_hf = hf["vision_config"]
+        feature_layer = hf.get("vision_feature_layer", feature_layer)
+        if hf.get("vision_feature_select_strategy", "default") != "default":
+            raise MedMoEError("only vision_feature_select_strategy 'default' (CLS dropped) is supported")
+    else:
+        llm_cfg, moe = hf_llm_config({**hf, "model_type": hf.get("model_type", "").replace("moe_llava_", "")}, max_seq_len)
+        vis_hf = read_json(os.path.join(vision, "config.json")) if vision else None
+        if medmoe:
+            moe = medmoe_moe_config(hf)
+            feature_layer = hf.get("mm_vision_select_layer", feature_layer)
+    if vis_hf is None:
+        raise MedMoEError("a vision tower is needed: give --vision DIR (a Hugging Face CLIP or SigLIP directory)")
+    pre = read_json(os.path.join(vision or src, "preprocessor_config.json"), required=False)
+    cfg = Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe,
+                 projector=(hf.get("mm_projector_type") or "mlp2x_gelu"), template=template or llm_cfg.arch)
+    if vision:
+        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"}))
+    tensors.update({k: v for k, v in convert_tensors(read_weights(src), src).items() if not (vision and k.startswith("vision."))})
+    # keep only the vision layers the features come from
+    tensors = {k: v for k, v in tensors.items() if not (k.startswith("vision.layers.") and int(k.split(".")[2]) >= cfg.vision.num_layers)}
+    if cfg.llm.tie_embeddings:
+        tensors.pop("llm.lm_head.weight", None)
+    torch.manual_seed(seed)
+    model = MedMoE(cfg)  # fresh parameters for whatever the sources lack (the projector, stage 1)
+    if not any(k.startswith("projector.") for k in tensors):
+        tensors.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
+    check_tensors(model, tensors, src)
+    model.load_state_dict(cast_tensors(tensors, dtype), strict=not cfg.llm.tie_embeddings, assign=True)
+    if cfg.llm.tie_embeddings:
+        model.llm.lm_head.weight = model.llm.embed.weight
+    save_model(model, out_dir, find_tokenizer(src, llm, vision))
+    return model
+
+
+def medmoe_moe_config(hf):
+    """MoEConfig from a released Med-MoE / MoE-LLaVA config.json (its `moe` block)."""
+    moe = hf.get("moe") or {}
+    if not moe.get("moe_enable", bool(moe)):
+        return None  # a stage-1/2 (dense) checkpoint
+    mode = moe.get("moe_mode", "sparse")
+    layers = moe.get("moe_layers_idx") or mode
+    return MoEConfig(num_experts=_first(moe.get("num_experts", 4)), top_k=moe.get("top_k_experts", 1), layers=layers,
+                     meta_expert=True, renormalize=False, router_bias=True,
+                     aux_loss_coef=moe.get("router_aux_loss_coef", 0.0))
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
