@@ -813,18 +813,23 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_model(model, directory, tokenizer_json=None):
+def save_checkpoint(cfg, tensors, directory, tokenizer_json=None):
+    """config.json + model.safetensors (+ tokenizer.json), each file replaced atomically."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    keep = expected_tensors(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keep}
-    atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    config = json.dumps(model.cfg.to_dict(), indent=2)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    config = json.dumps(cfg.to_dict(), indent=2)
     atomic_write(os.path.join(directory, "config.json"), lambda p: open(p, "w").write(config))
     if tokenizer_json and os.path.abspath(tokenizer_json) != os.path.abspath(os.path.join(directory, "tokenizer.json")):
         data = open(tokenizer_json, "rb").read()
         atomic_write(os.path.join(directory, "tokenizer.json"), lambda p: open(p, "wb").write(data))
+
+
+def save_model(model, directory, tokenizer_json=None):
+    keep = expected_tensors(model)
+    save_checkpoint(model.cfg, {k: v for k, v in model.state_dict().items() if k in keep}, directory, tokenizer_json)
 
 
 # ----------------------------------------------------------------------------- conversion from Hugging Face / Med-MoE
@@ -836,7 +841,7 @@ ARCHS = {
     "qwen2": dict(norm="rmsnorm", act="silu", gated_mlp=True, qkv_bias=True),
     "llama": dict(norm="rmsnorm", act="silu", gated_mlp=True),
 }
-MODEL_TYPES = {"phi": "phi", "stablelm": "stablelm", "qwen2": "qwen2", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
+MODEL_TYPES = {"phi": "phi", "stablelm": "stablelm", "stablelm_epoch": "stablelm", "qwen2": "qwen2", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
 HF_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
 
 
@@ -865,8 +870,8 @@ def hf_llm_config(hf, max_seq_len=None):
         num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or 0, max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        rotary_pct=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)),
-        norm_eps=hf.get("rms_norm_eps", hf.get("layer_norm_eps", hf.get("layer_norm_epsilon", 1e-5))),
+        rotary_pct=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rope_pct", 1.0))),
+        norm_eps=hf.get("rms_norm_eps", hf.get("layer_norm_eps", hf.get("norm_eps", 1e-5))),
         tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"),
         eos_ids=eos if isinstance(eos, list) else ([eos] if eos is not None else []),
         pad_id=hf.get("pad_token_id") or 0, **kw,
@@ -1018,10 +1023,13 @@ def find_tokenizer(*dirs):
 
 def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, dtype=None, feature_layer=-2,
             template=None, max_seq_len=None, seed=0):
-    """Build a medmoe checkpoint from one of:
-    vision (+ llm): Hugging Face CLIP/SigLIP + decoder directories, projector freshly initialised;
+    """Write a medmoe checkpoint directory from one of:
+    llm + vision: Hugging Face decoder and CLIP/SigLIP directories; the projector is freshly
+      initialised (seeded), ready for stage 1;
     llava: a Hugging Face LlavaForConditionalGeneration directory;
-    medmoe: a released Med-MoE / MoE-LLaVA directory (+ vision when its tower is not inside)."""
+    medmoe: a released Med-MoE / MoE-LLaVA directory (stage 2 dense or stage 3 MoE); its saved
+      CLIP tower is used unless vision is given.
+    Returns the model on the meta device (for `describe`)."""
     if sum(x is not None for x in (llm, llava, medmoe)) != 1:
         raise MedMoEError("give exactly one of --llm (with --vision), --llava or --medmoe")
     for d in (vision, llm, llava, medmoe):
@@ -1029,55 +1037,74 @@ def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, dtype=No
             raise MedMoEError(f"{d}: not a directory")
     src = llm or llava or medmoe
     hf = read_json(os.path.join(src, "config.json"))
-    tensors = {}
+    tensors = convert_tensors(read_weights(src), src, only=None if (llava or medmoe) else {"llm"})
+    vis_hf = read_json(os.path.join(vision, "config.json")) if vision else None
+    if vision:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("vision.")}
+        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"}))
     if llava:
         if hf.get("model_type") != "llava":
             raise MedMoEError(f"{llava}: model_type {hf.get('model_type')!r} is not llava")
-        llm_cfg, moe = hf_llm_config(hf["text_config"], max_seq_len)
-        vis_hf = hf["vision_config"]
-        feature_layer = hf.get("vision_feature_layer", feature_layer)
         if hf.get("vision_feature_select_strategy", "default") != "default":
-            raise MedMoEError("only vision_feature_select_strategy 'default' (CLS dropped) is supported")
+            raise MedMoEError("only vision_feature_select_strategy 'default' (class token dropped) is supported")
+        llm_cfg, moe = hf_llm_config(hf["text_config"], max_seq_len)
+        vis_hf, feature_layer = vis_hf or hf["vision_config"], hf.get("vision_feature_layer", feature_layer)
+    elif medmoe:
+        # Med-MoE/MoE-LLaVA configs are the decoder's config plus mm_* keys and a `moe` block
+        llm_cfg, _ = hf_llm_config({**hf, "model_type": re.sub(r"^(moe_)?llava_", "", hf.get("model_type", ""))}, max_seq_len)
+        moe = medmoe_moe_config(hf, tensors)
+        feature_layer = hf.get("mm_vision_select_layer", feature_layer)
+        if vis_hf is None and "vision.pos_embed" in tensors:
+            vis_hf = clip_config_from_tensors(tensors)
     else:
-        llm_cfg, moe = hf_llm_config({**hf, "model_type": hf.get("model_type", "").replace("moe_llava_", "")}, max_seq_len)
-        vis_hf = read_json(os.path.join(vision, "config.json")) if vision else None
-        if medmoe:
-            moe = medmoe_moe_config(hf)
-            feature_layer = hf.get("mm_vision_select_layer", feature_layer)
+        llm_cfg, moe = hf_llm_config(hf, max_seq_len)
     if vis_hf is None:
         raise MedMoEError("a vision tower is needed: give --vision DIR (a Hugging Face CLIP or SigLIP directory)")
+    llm_cfg.lm_head_bias = "llm.lm_head.bias" in tensors  # LLaVA-Phi drops Phi-2's lm_head bias
     pre = read_json(os.path.join(vision or src, "preprocessor_config.json"), required=False)
-    cfg = Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe,
-                 projector=(hf.get("mm_projector_type") or "mlp2x_gelu"), template=template or llm_cfg.arch)
-    if vision:
-        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"}))
-    tensors.update({k: v for k, v in convert_tensors(read_weights(src), src).items() if not (vision and k.startswith("vision."))})
+    cfg = Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe, template=template or llm_cfg.arch,
+                 projector=hf.get("image_projector_type") or hf.get("mm_projector_type") or "mlp2x_gelu")
     # keep only the vision layers the features come from
     tensors = {k: v for k, v in tensors.items() if not (k.startswith("vision.layers.") and int(k.split(".")[2]) >= cfg.vision.num_layers)}
     if cfg.llm.tie_embeddings:
         tensors.pop("llm.lm_head.weight", None)
-    torch.manual_seed(seed)
-    model = MedMoE(cfg)  # fresh parameters for whatever the sources lack (the projector, stage 1)
     if not any(k.startswith("projector.") for k in tensors):
-        tensors.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
+        torch.manual_seed(seed)  # nn.Linear's default init, as LLaVA's stage 1 starts
+        projector = make_projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
+    with torch.device("meta"):
+        model = MedMoE(cfg)
     check_tensors(model, tensors, src)
-    model.load_state_dict(cast_tensors(tensors, dtype), strict=not cfg.llm.tie_embeddings, assign=True)
-    if cfg.llm.tie_embeddings:
-        model.llm.lm_head.weight = model.llm.embed.weight
-    save_model(model, out_dir, find_tokenizer(src, llm, vision))
+    save_checkpoint(cfg, cast_tensors(tensors, dtype), out_dir, find_tokenizer(src, llm, vision))
     return model
 
 
-def medmoe_moe_config(hf):
-    """MoEConfig from a released Med-MoE / MoE-LLaVA config.json (its `moe` block)."""
+def medmoe_moe_config(hf, tensors):
+    """MoEConfig of a released Med-MoE / MoE-LLaVA checkpoint, or None for a dense (stage 1/2) one.
+    Med-MoE: router with bias + meta expert, top-1 unnormalised. MoE-LLaVA (DeepSpeed's gate):
+    no router bias, no meta expert, top-2 renormalised. Both are read off the tensors present."""
     moe = hf.get("moe") or {}
-    if not moe.get("moe_enable", bool(moe)):
-        return None  # a stage-1/2 (dense) checkpoint
-    mode = moe.get("moe_mode", "sparse")
-    layers = moe.get("moe_layers_idx") or mode
-    return MoEConfig(num_experts=_first(moe.get("num_experts", 4)), top_k=moe.get("top_k_experts", 1), layers=layers,
-                     meta_expert=True, renormalize=False, router_bias=True,
-                     aux_loss_coef=moe.get("router_aux_loss_coef", 0.0))
+    if not moe.get("moe_enable"):
+        return None
+    if moe.get("use_residual") or any(".coefficient." in k for k in tensors):
+        raise MedMoEError("MoE-LLaVA checkpoints with use_residual=true are not supported")
+    top_k = moe.get("top_k_experts", 1)
+    return MoEConfig(
+        num_experts=_first(moe.get("num_experts", 4)), top_k=top_k, layers=moe.get("moe_layers_idx") or moe.get("moe_mode", "sparse"),
+        meta_expert=any(".ffn.meta_expert." in k for k in tensors), renormalize=top_k > 1,
+        router_bias=any(k.endswith(".ffn.router.bias") for k in tensors), aux_loss_coef=moe.get("router_aux_loss_coef", 0.0),
+    )
+
+
+def clip_config_from_tensors(tensors):
+    """The CLIP tower saved inside a Med-MoE checkpoint comes without its config: read it off
+    the shapes (heads = width / 64, as in every CLIP ViT)."""
+    d = tensors["vision.patch_embed.weight"].shape
+    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("vision.layers."))
+    side = math.isqrt(tensors["vision.pos_embed"].shape[0] - 1)
+    return dict(model_type="clip_vision_model", hidden_size=d[0], patch_size=d[-1], image_size=side * d[-1],
+                num_hidden_layers=layers, num_attention_heads=d[0] // 64,
+                intermediate_size=tensors["vision.layers.0.ffn.up_proj.weight"].shape[0])
 
 
 def _first(x):

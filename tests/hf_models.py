@@ -41,18 +41,18 @@ def save_llm(family, path, seed=0):
     return model
 
 
-def vision_config(kind, layers=3):
-    common = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+def vision_config(kind, layers=3, width=48, heads=4):
+    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
                   image_size=28, patch_size=7, initializer_range=0.2)
     if kind == "clip":
         return transformers.CLIPVisionConfig(**common)
     return transformers.SiglipVisionConfig(**common)
 
 
-def save_vision(kind, path, seed=0):
+def save_vision(kind, path, seed=0, **shape):
     torch.manual_seed(seed)
     cls = transformers.CLIPVisionModel if kind == "clip" else transformers.SiglipVisionModel
-    model = cls(vision_config(kind)).eval()
+    model = cls(vision_config(kind, **shape)).eval()
     model.save_pretrained(path)
     return model
 

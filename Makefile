@@ -1,0 +1,16 @@
+PY ?= python
+
+.PHONY: install test bench lint
+
+install:
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test]"
+
+test: install
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) bench/bench_moe.py
+
+lint:
+	ruff check .

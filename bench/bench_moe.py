@@ -1,0 +1,216 @@
+"""Benchmark: the MoE layer per dispatch path, and whole-model greedy decoding, against a dense
+FFN doing the same active FLOPs and against transformers holding the same (converted) weights.
+
+    python bench/bench_moe.py            # full table (about 10 minutes on 2 CPU cores)
+    python bench/bench_moe.py --quick    # fewer sizes, for a smoke run
+
+Prints markdown tables (copy them into BENCHMARKS.md). Throughput = tokens per second; every
+ratio is against a baseline measured in the same run on the same machine."""
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import kernels  # noqa: E402
+import medmoe  # noqa: E402
+
+transformers = __import__("transformers")  # test extra: the reference we compare against
+transformers.logging.set_verbosity_error()
+
+
+def timeit(fn, min_time=0.3, max_reps=200):
+    fn(), fn()  # warm-up (and compilation)
+    times, start = [], time.perf_counter()
+    while (time.perf_counter() - start < min_time or len(times) < 3) and len(times) < max_reps:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def quiet(fn, *a, **kw):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return fn(*a, **kw)
+
+
+def hf_and_ours(hf_cfg, cls, tmp):
+    """A random HF model saved to disk, converted by `medmoe.convert`, loaded back."""
+    torch.manual_seed(0)
+    ref = getattr(transformers, cls)(hf_cfg).eval()
+    quiet(ref.save_pretrained, f"{tmp}/hf")
+    vis = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                                     num_attention_heads=2, image_size=28, patch_size=14))
+    quiet(vis.save_pretrained, f"{tmp}/clip")
+    medmoe.convert(f"{tmp}/ours", vision=f"{tmp}/clip", llm=f"{tmp}/hf")
+    return ref, medmoe.load_model(f"{tmp}/ours")
+
+
+def step(module, x, grad, backward):
+    def run():
+        if backward:
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+        out = module(x)
+        if backward:
+            out.backward(grad)
+        return out
+    return run
+
+
+class Dispatch(torch.nn.Module):
+    """Our MoE layer with a fixed dispatch path."""
+
+    def __init__(self, moe, impl):
+        super().__init__()
+        self.moe, self.impl = moe, impl
+
+    def forward(self, x):
+        self.moe.moe.dispatch = self.impl
+        return self.moe(x)
+
+
+def bench_layer(args, tmp):
+    H, F, E, K = 512, 1408, 4, 2
+    cfg = transformers.MixtralConfig(hidden_size=H, intermediate_size=F, num_hidden_layers=1, num_attention_heads=8,
+                                     num_key_value_heads=8, vocab_size=128, num_local_experts=E, num_experts_per_tok=K)
+    ref, ours = hf_and_ours(cfg, "MixtralForCausalLM", tmp)
+    hf_block, our_moe = ref.model.layers[0].mlp, ours.llm.layers[0].ffn
+    dense = medmoe.FeedForward(H, K * F, "silu", gated=True, bias=False)  # same active FLOPs as top-2
+    # Med-MoE semantics on the same experts: top-1 + the always-on meta expert (also 2 FFNs a token)
+    medmoe_cfg = medmoe.MoEConfig(num_experts=E, top_k=1, meta_expert=True)
+    meta = medmoe.FeedForward(H, F, "silu", gated=True, bias=False)
+    med = medmoe.MoE(ours.cfg.llm, medmoe_cfg, dense=meta)
+    sizes = [1, 64, 2048] if args.quick else [1, 8, 64, 2048]
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    rows = []
+    for dtype in dtypes:
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        cands = {"dense FFN (2F, same active FLOPs)": dense}
+        for impl in ("eager", "batched_mm", "grouped_mm"):
+            blk = __import__("copy").deepcopy(hf_block)
+            ref.config._experts_implementation = impl
+            blk.experts.config = ref.config
+            cands[f"transformers Mixtral block ({impl})"] = (impl, blk)
+        for impl in ("loop", "grouped", "gather", "auto"):
+            cands[f"medmoe top-2 ({impl})"] = Dispatch(our_moe, impl)
+        cands["medmoe top-1 + meta (auto)"] = Dispatch(med, "auto")
+        compiled = {}
+        if not args.no_compile:
+            for impl in ("grouped", "gather", "auto"):
+                compiled[f"medmoe top-2 ({impl}), compiled"] = Dispatch(our_moe, impl)
+            compiled["dense FFN, compiled"] = dense
+        for label, mod in list(cands.items()) + list(compiled.items()):
+            impl = None
+            if isinstance(mod, tuple):
+                impl, mod = mod
+            mod = __import__("copy").deepcopy(mod).to(dtype)
+            fn = torch.compile(mod) if label.endswith("compiled") else mod
+            if impl is not None:
+                mod.experts.config._experts_implementation = impl
+            for backward in (False, True):
+                cells = []
+                for T in sizes:
+                    x = torch.randn(1, T, H, dtype=dtype, requires_grad=backward)
+                    grad = torch.randn(1, T, H, dtype=dtype)
+                    call = fn if impl is None else (lambda x, m=mod, i=impl: hf_forward(m, x, i))
+                    ctx = contextlib.nullcontext() if backward else torch.no_grad()
+                    with ctx:
+                        t = timeit(step_fn(call, mod, x, grad, backward), min_time=0.2 if args.quick else 0.4)
+                    cells.append(T / t)
+                rows.append((name, label, "fwd+bwd" if backward else "fwd", cells))
+                print(f"  {name} {label} {'fwd+bwd' if backward else 'fwd'}: " + " ".join(f"{c:,.0f}" for c in cells), file=sys.stderr)
+    return sizes, rows
+
+
+def hf_forward(block, x, impl):
+    block.experts.config._experts_implementation = impl
+    return block(x)
+
+
+def step_fn(call, mod, x, grad, backward):
+    def run():
+        if backward:
+            x.grad = None
+            mod.zero_grad(set_to_none=True)
+        out = call(x)
+        if backward:
+            out.backward(grad)
+    return run
+
+
+def print_layer_table(sizes, rows):
+    print("\n### MoE layer throughput (tokens/s; H=512, F=1408, 4 experts, top-2 unless noted)\n")
+    print("| dtype | implementation | pass | " + " | ".join(f"{T} tok" for T in sizes) + " |")
+    print("|---|---|---|" + "---|" * len(sizes))
+    for dtype, label, mode, cells in rows:
+        print(f"| {dtype} | {label} | {mode} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
+    print("\n### Ratios (ours / baseline, same dtype and pass)\n")
+    print("| dtype | ours | pass | baseline | " + " | ".join(f"{T} tok" for T in sizes) + " |")
+    print("|---|---|---|---|" + "---|" * len(sizes))
+    table = {(d, lab, m): c for d, lab, m, c in rows}
+    for (d, lab, m), cells in table.items():
+        if not lab.startswith("medmoe"):
+            continue
+        for base in ("dense FFN (2F, same active FLOPs)", "transformers Mixtral block (grouped_mm)", "transformers Mixtral block (eager)"):
+            b = table.get((d, base, m))
+            if b:
+                print(f"| {d} | {lab} | {m} | {base} | " + " | ".join(f"{x / y:.2f}x" for x, y in zip(cells, b)) + " |")
+
+
+def bench_decode(args, tmp):
+    """Whole-model greedy decoding, batch 1, same converted weights, tokens/s of new tokens."""
+    common = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, vocab_size=8192,
+                  max_position_embeddings=512)
+    models = {
+        "Mixtral-style MoE (4 experts, top-2)": ("MixtralForCausalLM", transformers.MixtralConfig(**common, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2)),
+        "Phi-style dense": ("PhiForCausalLM", transformers.PhiConfig(**common, partial_rotary_factor=0.5)),
+    }
+    prompt_len, new = 32, 16 if args.quick else 64
+    rows = []
+    for label, (cls, cfg) in models.items():
+        cfg.eos_token_id = None
+        os.makedirs(f"{tmp}/{cls}", exist_ok=True)
+        ref, ours = hf_and_ours(cfg, cls, f"{tmp}/{cls}")
+        ids = torch.randint(0, 8000, (1, prompt_len))
+        with torch.no_grad():
+            hf_tokens = ref.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new)[0, prompt_len:].tolist()
+        our_tokens = ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[])[0]
+        t_hf = timeit(lambda: ref.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new), min_time=1.0, max_reps=5)
+        t_ours = timeit(lambda: ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[]), min_time=1.0, max_reps=5)
+        rows.append((label, new / t_hf, new / t_ours, hf_tokens == our_tokens))
+    print(f"\n### Whole-model greedy decode (batch 1, prompt {prompt_len}, {new} new tokens, fp32, eager)\n")
+    print("| model | transformers generate tok/s | medmoe generate tok/s | speed-up | same tokens |")
+    print("|---|---|---|---|---|")
+    for label, a, b, same in rows:
+        print(f"| {label} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {'yes' if same else 'NO'} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--only", choices=["layer", "decode"])
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "layer"):
+            print_layer_table(*bench_layer(args, tmp))
+        if args.only in (None, "decode"):
+            bench_decode(args, tmp)
+
+
+if __name__ == "__main__":
+    main()
