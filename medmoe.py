@@ -572,16 +572,20 @@ class MedMoE(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, pixels=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                        stop_ids=None, generator=None):
+                        stop_ids=None, generator=None, compile=False):
         """Yield the next token of every prompt [B] per step (left-padded batch, KV cache).
-        Rows that finished keep yielding their stop token; stops when all have finished."""
+        Rows that finished keep yielding their stop token; stops when all have finished.
+        compile=True compiles the one-token decode step (gpt-fast style): its shapes are
+        fixed, because the cache length is rounded up to a multiple of 256."""
         embeds, valid, _ = self.splice(input_ids, pixels, pad_left=True)
         B, T, _ = embeds.shape
         stop = torch.tensor(sorted(stop_ids if stop_ids is not None else self.cfg.llm.eos_ids) or [-1], device=embeds.device)
         total = min(T + max_new_tokens, self.cfg.llm.max_seq_len)
-        self.llm.setup_cache(B, total, embeds.dtype, embeds.device)
+        cache_len = min(-(-total // 256) * 256, self.cfg.llm.max_seq_len) if compile else total
+        decode = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
+        self.llm.setup_cache(B, cache_len, embeds.dtype, embeds.device)
         try:
-            key_valid = torch.zeros(B, total, dtype=torch.bool, device=embeds.device)
+            key_valid = torch.zeros(B, cache_len, dtype=torch.bool, device=embeds.device)
             key_valid[:, :T] = valid
             positions = (valid.cumsum(-1) - 1).clamp(min=0)
             input_pos = torch.arange(T, device=embeds.device)
@@ -597,9 +601,13 @@ class MedMoE(nn.Module):
                 input_pos = input_pos[-1:] + 1
                 positions = positions[:, -1:] + 1
                 key_valid[:, input_pos] = True
-                logits = self.llm(self.llm.embed(tok[:, None]), positions, key_valid, input_pos, last_only=True)
+                logits = decode(tok, positions, key_valid, input_pos)
         finally:
             self.llm.clear_cache()
+
+    def decode_step(self, tok, positions, key_valid, input_pos):
+        """One new token per row through the cached LLM -> next-token logits [B, V]."""
+        return self.llm(self.llm.embed(tok[:, None]), positions, key_valid, input_pos, last_only=True)
 
     def generate(self, input_ids, pixels=None, **kw):
         """Greedy (temperature 0) or sampled continuations, one id list per prompt, stop tokens removed."""
