@@ -9,7 +9,6 @@ The last part loads weights: our own checkpoints (config.json + model.safetensor
 conversion from Hugging Face CLIP/SigLIP/LLM/LLaVA and released Med-MoE/MoE-LLaVA layouts.
 """
 
-import copy
 import json
 import math
 import os
@@ -400,7 +399,8 @@ class MoE(nn.Module):
         logits, weight, idx = self.route(x)
         self.router_logits = logits
         with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.moe.num_experts)
+            # index_add_, not bincount: its output length is static, so no graph break under compile
+            self.tokens_per_expert.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
         out = self.experts(x, idx, weight.to(x.dtype), impl=self.moe.dispatch)
         if self.meta_expert is not None:
             out = out + self.meta_expert(x)
@@ -523,10 +523,14 @@ class MedMoE(nn.Module):
         order of appearance), label them IGNORE, truncate to the context length and pad.
         Returns embeds [B, T, H], valid [B, T] (False on padding) and labels [B, T] or None."""
         emb = self.llm.embed
+        if pixels is not None and self.vision is None:
+            raise MedMoEError("this model has no vision tower, but images were given")
         feats = iter(self.encode_images(pixels).to(emb.weight.dtype)) if pixels is not None else iter(())
         seqs, labs = [], []
         for b, ids in enumerate(input_ids):
-            ids = torch.as_tensor(ids, device=emb.weight.device)
+            ids = torch.as_tensor(ids, dtype=torch.long, device=emb.weight.device)
+            if ((ids < 0) & (ids != IMAGE_TOKEN)).any() or (ids >= emb.num_embeddings).any():
+                raise MedMoEError(f"prompt {b} has token ids outside the vocabulary (0..{emb.num_embeddings - 1})")
             lab = torch.as_tensor(labels[b], device=ids.device) if labels is not None else ids
             cuts = (ids == IMAGE_TOKEN).nonzero().flatten().tolist()
             parts, part_labels, start = [], [], 0
@@ -542,6 +546,12 @@ class MedMoE(nn.Module):
                 start = cut + 1
             seqs.append(torch.cat(parts)[: self.cfg.llm.max_seq_len])
             labs.append(torch.cat(part_labels)[: self.cfg.llm.max_seq_len])
+            if sum(len(p) for p in parts) > self.cfg.llm.max_seq_len and pad_left:
+                # generation cannot drop the end of a prompt: that is where the question is
+                raise MedMoEError(f"prompt {b} is {sum(len(p) for p in parts)} tokens with its image(s), "
+                                  f"longer than the context length {self.cfg.llm.max_seq_len}")
+        if next(feats, None) is not None:
+            raise MedMoEError("more images given than <image> placeholders in the prompts")
         T = max(len(s) for s in seqs)
         B, H = len(seqs), emb.weight.shape[1]
         embeds = emb.weight.new_zeros(B, T, H)
@@ -580,6 +590,8 @@ class MedMoE(nn.Module):
         embeds, valid, _ = self.splice(input_ids, pixels, pad_left=True)
         B, T, _ = embeds.shape
         stop = torch.tensor(sorted(stop_ids if stop_ids is not None else self.cfg.llm.eos_ids) or [-1], device=embeds.device)
+        if self.cfg.llm.max_seq_len <= T:
+            raise MedMoEError(f"the prompt fills the whole context ({self.cfg.llm.max_seq_len} tokens): no room to answer")
         total = min(T + max_new_tokens, self.cfg.llm.max_seq_len)
         cache_len = min(-(-total // 256) * 256, self.cfg.llm.max_seq_len) if compile else total
         decode = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
@@ -640,7 +652,7 @@ def count_params(model: MedMoE):
     """Total and per-token activated parameters. A token runs top_k of the E experts in an MoE
     layer *plus* the meta expert, so the meta expert counts as activated; top-1 + meta thus
     activates what top-2 does (the paper's 3.6B Phi-2 / 2.0B StableLM count the LLM so)."""
-    n = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
+    n = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
     llm_active = n(model.llm)
     for layer in model.llm.moe_layers():
         llm_active -= n(layer.experts) // layer.moe.num_experts * (layer.moe.num_experts - layer.moe.top_k)
@@ -652,7 +664,7 @@ def describe(model: MedMoE):
     """The `medmoe info` text: architecture and parameter counts."""
     c, v, moe = model.cfg.llm, model.cfg.vision, model.cfg.moe
     p = count_params(model)
-    B = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"  # noqa: E731
+    B = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
     block = "parallel attention+FFN" if c.parallel_block else "sequential attention, FFN"
     mlp = f"SwiGLU {c.intermediate_size}" if c.gated_mlp else f"{c.act} MLP {c.intermediate_size}"
     lines = [
@@ -668,7 +680,8 @@ def describe(model: MedMoE):
         n_moe = len(model.llm.moe_layers())
         meta = " + meta expert" if moe.meta_expert else ""
         lines.append(f"MoE         {n_moe} of {c.num_layers} layers ({moe.layers}): {moe.num_experts} experts, top-{moe.top_k}{meta}, "
-                     f"weights {'renormalised' if moe.renormalize else 'softmax probabilities'}, aux {moe.aux_loss_coef:g}, z {moe.z_loss_coef:g}")
+                     f"weights {'renormalised' if moe.renormalize else 'softmax probabilities'}, "
+                     f"aux {moe.aux_loss_coef:g}, z {moe.z_loss_coef:g}")
     lines.append(f"parameters  total {B(p['total'])} = LLM {B(p['llm'])} + vision {B(p['vision'])} + projector {B(p['projector'])}")
     note = " (the meta expert runs for every token, so it counts as activated)" if moe and moe.meta_expert else ""
     lines.append(f"activated   {B(p['llm_active'])} per token in the LLM{note}; "
@@ -736,7 +749,7 @@ def read_weights(directory):
         else:
             try:
                 tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
-            except Exception as e:  # torch raises many types for a bad zip/pickle
+            except Exception as e:  # noqa: BLE001 -- torch raises many types for a bad zip/pickle
                 raise MedMoEError(f"{path}: unreadable PyTorch weights ({type(e).__name__})") from None
     return tensors
 
@@ -765,11 +778,7 @@ def load_config(directory):
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise MedMoEError(f"{directory}: no config.json (not a medmoe checkpoint directory)")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise MedMoEError(f"{path}: invalid JSON ({e})") from None
+    d = read_json(path)
     if "llm" not in d:
         hint = " (a Hugging Face or Med-MoE checkpoint: run `medmoe convert` first)" if "model_type" in d or "architectures" in d else ""
         raise MedMoEError(f"{path}: not a medmoe config{hint}")
@@ -789,7 +798,7 @@ def cast_tensors(tensors, dtype):
 def reset_buffers(model, device=None):
     """Non-persistent buffers (rotary tables, expert counters) are rebuilt, not loaded."""
     for m in model.modules():
-        if hasattr(m, "reset_buffers") and not isinstance(m, nn.LayerNorm):
+        if hasattr(m, "reset_buffers"):
             m.reset_buffers(device)
 
 
@@ -828,11 +837,17 @@ def save_checkpoint(cfg, tensors, directory, tokenizer_json=None):
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    config = json.dumps(cfg.to_dict(), indent=2)
-    atomic_write(os.path.join(directory, "config.json"), lambda p: open(p, "w").write(config))
+    config = json.dumps(cfg.to_dict(), indent=2).encode()
+    atomic_write(os.path.join(directory, "config.json"), lambda p: write_bytes(p, config))
     if tokenizer_json and os.path.abspath(tokenizer_json) != os.path.abspath(os.path.join(directory, "tokenizer.json")):
-        data = open(tokenizer_json, "rb").read()
-        atomic_write(os.path.join(directory, "tokenizer.json"), lambda p: open(p, "wb").write(data))
+        with open(tokenizer_json, "rb") as f:
+            data = f.read()
+        atomic_write(os.path.join(directory, "tokenizer.json"), lambda p: write_bytes(p, data))
+
+
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def save_model(model, directory, tokenizer_json=None):
@@ -844,13 +859,16 @@ def save_model(model, directory, tokenizer_json=None):
 
 # What each supported `model_type` means for the decoder (the rest is read from its config).
 ARCHS = {
-    "phi": dict(norm="layernorm", act="gelu_tanh", gated_mlp=False, parallel_block=True, qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True),
+    "phi": dict(norm="layernorm", act="gelu_tanh", gated_mlp=False, parallel_block=True,
+                qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True),
     "stablelm": dict(norm="layernorm", act="silu", gated_mlp=True),
     "qwen2": dict(norm="rmsnorm", act="silu", gated_mlp=True, qkv_bias=True),
     "llama": dict(norm="rmsnorm", act="silu", gated_mlp=True),
 }
-MODEL_TYPES = {"phi": "phi", "stablelm": "stablelm", "stablelm_epoch": "stablelm", "qwen2": "qwen2", "llama": "llama", "mistral": "llama", "mixtral": "llama"}
-HF_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
+MODEL_TYPES = {"phi": "phi", "stablelm": "stablelm", "stablelm_epoch": "stablelm", "qwen2": "qwen2",
+               "llama": "llama", "mistral": "llama", "mixtral": "llama"}
+HF_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu",
+           "silu": "silu", "swish": "silu"}
 
 
 def hf_llm_config(hf, max_seq_len=None):
@@ -942,9 +960,9 @@ LLM_KEYS = [
     # Med-MoE / MoE-LLaVA (DeepSpeed MoE layer): router `wg`, experts, the always-on meta expert
     (r"layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.", r"layers.\1.ffn.router."),
     (rf"layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.{EXPERT_PARAMS}", r"layers.\1.ffn.experts.\3.\4[\2]"),
-    (r"layers\.(\d+)\.mlp\.meta_moe\.(?:.*\.)?(fc1|up_proj)\.", r"layers.\1.ffn.meta_expert.up_proj."),
-    (r"layers\.(\d+)\.mlp\.meta_moe\.(?:.*\.)?gate_proj\.", r"layers.\1.ffn.meta_expert.gate_proj."),
-    (r"layers\.(\d+)\.mlp\.meta_moe\.(?:.*\.)?(fc2|down_proj)\.", r"layers.\1.ffn.meta_expert.down_proj."),
+    (r"layers\.(\d+)\.mlp\.meta_moe\.(fc1|up_proj)\.", r"layers.\1.ffn.meta_expert.up_proj."),
+    (r"layers\.(\d+)\.mlp\.meta_moe\.gate_proj\.", r"layers.\1.ffn.meta_expert.gate_proj."),
+    (r"layers\.(\d+)\.mlp\.meta_moe\.(fc2|down_proj)\.", r"layers.\1.ffn.meta_expert.down_proj."),
     # Mixtral
     (r"layers\.(\d+)\.block_sparse_moe\.gate\.", r"layers.\1.ffn.router."),
     (rf"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.{EXPERT_PARAMS}", r"layers.\1.ffn.experts.\3.\4[\2]"),
@@ -1097,8 +1115,10 @@ def medmoe_moe_config(hf, tensors):
     if moe.get("use_residual") or any(".coefficient." in k for k in tensors):
         raise MedMoEError("MoE-LLaVA checkpoints with use_residual=true are not supported")
     top_k = moe.get("top_k_experts", 1)
+    num_experts = moe.get("num_experts", 4)  # MoE-LLaVA writes one count per MoE layer
     return MoEConfig(
-        num_experts=_first(moe.get("num_experts", 4)), top_k=top_k, layers=moe.get("moe_layers_idx") or moe.get("moe_mode", "sparse"),
+        num_experts=num_experts[0] if isinstance(num_experts, list) else num_experts, top_k=top_k,
+        layers=moe.get("moe_layers_idx") or moe.get("moe_mode", "sparse"),
         meta_expert=any(".ffn.meta_expert." in k for k in tensors), renormalize=top_k > 1,
         router_bias=any(k.endswith(".ffn.router.bias") for k in tensors), aux_loss_coef=moe.get("router_aux_loss_coef", 0.0),
     )
@@ -1113,7 +1133,3 @@ def clip_config_from_tensors(tensors):
     return dict(model_type="clip_vision_model", hidden_size=d[0], patch_size=d[-1], image_size=side * d[-1],
                 num_hidden_layers=layers, num_attention_heads=d[0] // 64,
                 intermediate_size=tensors["vision.layers.0.ffn.up_proj.weight"].shape[0])
-
-
-def _first(x):
-    return x[0] if isinstance(x, list) else x

@@ -9,6 +9,8 @@ ratio is against a baseline measured in the same run on the same machine."""
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import io
 import os
 import platform
@@ -20,8 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import kernels  # noqa: E402
-import medmoe  # noqa: E402
+import medmoe
 
 transformers = __import__("transformers")  # test extra: the reference we compare against
 transformers.logging.set_verbosity_error()
@@ -54,29 +55,23 @@ def hf_and_ours(hf_cfg, cls, tmp):
     return ref, medmoe.load_model(f"{tmp}/ours")
 
 
-def step(module, x, grad, backward):
-    def run():
-        if backward:
-            x.grad = None
-            for p in module.parameters():
-                p.grad = None
-        out = module(x)
-        if backward:
-            out.backward(grad)
-        return out
-    return run
+class HFBlock(torch.nn.Module):
+    """transformers' Mixtral block with a chosen experts implementation (eager/batched_mm/grouped_mm)."""
 
-
-class Dispatch(torch.nn.Module):
-    """Our MoE layer with a fixed dispatch path."""
-
-    def __init__(self, moe, impl):
+    def __init__(self, block, impl):
         super().__init__()
-        self.moe, self.impl = moe, impl
+        self.block, self.impl = copy.deepcopy(block), impl
+        self.block.experts.config = copy.copy(block.experts.config)
 
     def forward(self, x):
-        self.moe.moe.dispatch = self.impl
-        return self.moe(x)
+        self.block.experts.config._experts_implementation = self.impl
+        return self.block(x)
+
+
+def with_dispatch(moe, impl):
+    moe = copy.deepcopy(moe)
+    moe.moe = dataclasses.replace(moe.moe, dispatch=impl)
+    return moe
 
 
 def bench_layer(args, tmp):
@@ -85,67 +80,51 @@ def bench_layer(args, tmp):
                                      num_key_value_heads=8, vocab_size=128, num_local_experts=E, num_experts_per_tok=K)
     ref, ours = hf_and_ours(cfg, "MixtralForCausalLM", tmp)
     hf_block, our_moe = ref.model.layers[0].mlp, ours.llm.layers[0].ffn
-    dense = medmoe.FeedForward(H, K * F, "silu", gated=True, bias=False)  # same active FLOPs as top-2
     # Med-MoE semantics on the same experts: top-1 + the always-on meta expert (also 2 FFNs a token)
-    medmoe_cfg = medmoe.MoEConfig(num_experts=E, top_k=1, meta_expert=True)
-    meta = medmoe.FeedForward(H, F, "silu", gated=True, bias=False)
-    med = medmoe.MoE(ours.cfg.llm, medmoe_cfg, dense=meta)
+    medmoe_top1 = medmoe.MoE(ours.cfg.llm, medmoe.MoEConfig(num_experts=E, top_k=1), dense=medmoe.FeedForward(H, F, "silu", True, False))
+    medmoe_top1.experts.load_state_dict(our_moe.experts.state_dict())
+    cands = {
+        "dense FFN (2F, same active FLOPs)": medmoe.FeedForward(H, K * F, "silu", gated=True, bias=False),
+        **{f"transformers Mixtral block ({impl})": HFBlock(hf_block, impl) for impl in ("eager", "batched_mm", "grouped_mm")},
+        **{f"medmoe top-2 ({impl})": with_dispatch(our_moe, impl) for impl in ("loop", "grouped", "gather", "auto")},
+        "medmoe top-1 + meta (auto)": medmoe_top1,
+    }
+    if not args.no_compile:
+        cands["dense FFN, compiled"] = cands["dense FFN (2F, same active FLOPs)"]
+        cands.update({f"medmoe top-2 ({impl}), compiled": with_dispatch(our_moe, impl) for impl in ("grouped", "gather", "auto")})
+        cands["medmoe top-1 + meta (auto), compiled"] = medmoe_top1
     sizes = [1, 64, 2048] if args.quick else [1, 8, 64, 2048]
-    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows = []
-    for dtype in dtypes:
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-        cands = {"dense FFN (2F, same active FLOPs)": dense}
-        for impl in ("eager", "batched_mm", "grouped_mm"):
-            blk = __import__("copy").deepcopy(hf_block)
-            ref.config._experts_implementation = impl
-            blk.experts.config = ref.config
-            cands[f"transformers Mixtral block ({impl})"] = (impl, blk)
-        for impl in ("loop", "grouped", "gather", "auto"):
-            cands[f"medmoe top-2 ({impl})"] = Dispatch(our_moe, impl)
-        cands["medmoe top-1 + meta (auto)"] = Dispatch(med, "auto")
-        compiled = {}
-        if not args.no_compile:
-            for impl in ("grouped", "gather", "auto"):
-                compiled[f"medmoe top-2 ({impl}), compiled"] = Dispatch(our_moe, impl)
-            compiled["dense FFN, compiled"] = dense
-        for label, mod in list(cands.items()) + list(compiled.items()):
-            impl = None
-            if isinstance(mod, tuple):
-                impl, mod = mod
-            mod = __import__("copy").deepcopy(mod).to(dtype)
-            fn = torch.compile(mod) if label.endswith("compiled") else mod
-            if impl is not None:
-                mod.experts.config._experts_implementation = impl
+    for dtype in [torch.float32] if args.quick else [torch.float32, torch.bfloat16]:
+        name = str(dtype).replace("torch.float32", "fp32").replace("torch.bfloat16", "bf16")
+        for label, module in cands.items():
+            module = copy.deepcopy(module).to(dtype)
+            if isinstance(module, medmoe.MoE):
+                module.router.float()  # routers stay fp32, as loading keeps them
+            fn = torch.compile(module) if label.endswith("compiled") else module
             for backward in (False, True):
                 cells = []
                 for T in sizes:
+                    if ("batched_mm" in label or label == "medmoe top-2 (gather)") and T > 64:
+                        # both copy every token's expert weights when not compiled: GBs at 2048 tokens
+                        cells.append(float("nan"))
+                        continue
                     x = torch.randn(1, T, H, dtype=dtype, requires_grad=backward)
                     grad = torch.randn(1, T, H, dtype=dtype)
-                    call = fn if impl is None else (lambda x, m=mod, i=impl: hf_forward(m, x, i))
-                    ctx = contextlib.nullcontext() if backward else torch.no_grad()
-                    with ctx:
-                        t = timeit(step_fn(call, mod, x, grad, backward), min_time=0.2 if args.quick else 0.4)
-                    cells.append(T / t)
-                rows.append((name, label, "fwd+bwd" if backward else "fwd", cells))
-                print(f"  {name} {label} {'fwd+bwd' if backward else 'fwd'}: " + " ".join(f"{c:,.0f}" for c in cells), file=sys.stderr)
+
+                    def run():
+                        if backward:
+                            x.grad = None
+                            module.zero_grad(set_to_none=True)
+                            fn(x).backward(grad)
+                        else:
+                            with torch.no_grad():
+                                fn(x)
+                    cells.append(T / timeit(run, min_time=0.2 if args.quick else 0.4))
+                mode = "fwd+bwd" if backward else "fwd"
+                rows.append((name, label, mode, cells))
+                print(f"  {name} {label} {mode}: " + " ".join(f"{c:,.0f}" for c in cells), file=sys.stderr, flush=True)
     return sizes, rows
-
-
-def hf_forward(block, x, impl):
-    block.experts.config._experts_implementation = impl
-    return block(x)
-
-
-def step_fn(call, mod, x, grad, backward):
-    def run():
-        if backward:
-            x.grad = None
-            mod.zero_grad(set_to_none=True)
-        out = call(x)
-        if backward:
-            out.backward(grad)
-    return run
 
 
 def print_layer_table(sizes, rows):
@@ -153,7 +132,7 @@ def print_layer_table(sizes, rows):
     print("| dtype | implementation | pass | " + " | ".join(f"{T} tok" for T in sizes) + " |")
     print("|---|---|---|" + "---|" * len(sizes))
     for dtype, label, mode, cells in rows:
-        print(f"| {dtype} | {label} | {mode} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
+        print(f"| {dtype} | {label} | {mode} | " + " | ".join("—" if c != c else f"{c:,.0f}" for c in cells) + " |")
     print("\n### Ratios (ours / baseline, same dtype and pass)\n")
     print("| dtype | ours | pass | baseline | " + " | ".join(f"{T} tok" for T in sizes) + " |")
     print("|---|---|---|---|" + "---|" * len(sizes))
@@ -164,7 +143,7 @@ def print_layer_table(sizes, rows):
         for base in ("dense FFN (2F, same active FLOPs)", "transformers Mixtral block (grouped_mm)", "transformers Mixtral block (eager)"):
             b = table.get((d, base, m))
             if b:
-                print(f"| {d} | {lab} | {m} | {base} | " + " | ".join(f"{x / y:.2f}x" for x, y in zip(cells, b)) + " |")
+                print(f"| {d} | {lab} | {m} | {base} | " + " | ".join("—" if y != y else f"{x / y:.2f}x" for x, y in zip(cells, b)) + " |")
 
 
 def bench_decode(args, tmp):
@@ -172,7 +151,8 @@ def bench_decode(args, tmp):
     common = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, vocab_size=8192,
                   max_position_embeddings=512)
     models = {
-        "Mixtral-style MoE (4 experts, top-2)": ("MixtralForCausalLM", transformers.MixtralConfig(**common, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2)),
+        "Mixtral-style MoE (4 experts, top-2)": (
+            "MixtralForCausalLM", transformers.MixtralConfig(**common, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2)),
         "Phi-style dense": ("PhiForCausalLM", transformers.PhiConfig(**common, partial_rotary_factor=0.5)),
     }
     prompt_len, new = 32, 16 if args.quick else 64
@@ -187,12 +167,16 @@ def bench_decode(args, tmp):
         our_tokens = ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[])[0]
         t_hf = timeit(lambda: ref.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new), min_time=1.0, max_reps=5)
         t_ours = timeit(lambda: ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[]), min_time=1.0, max_reps=5)
-        rows.append((label, new / t_hf, new / t_ours, hf_tokens == our_tokens))
-    print(f"\n### Whole-model greedy decode (batch 1, prompt {prompt_len}, {new} new tokens, fp32, eager)\n")
-    print("| model | transformers generate tok/s | medmoe generate tok/s | speed-up | same tokens |")
-    print("|---|---|---|---|---|")
-    for label, a, b, same in rows:
-        print(f"| {label} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {'yes' if same else 'NO'} |")
+        compiled_tokens = ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[], compile=True)[0]
+        t_comp = timeit(lambda: ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[], compile=True), min_time=1.0, max_reps=5)
+        same = hf_tokens == our_tokens == compiled_tokens
+        rows.append((label, new / t_hf, new / t_ours, new / t_comp, same))
+    print(f"\n### Whole-model greedy decode (batch 1, prompt {prompt_len}, {new} new tokens, fp32)\n")
+    print("| model | transformers generate tok/s | medmoe eager tok/s | medmoe compiled decode tok/s "
+          "| eager speed-up | compiled speed-up | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for label, a, b, c, same in rows:
+        print(f"| {label} | {a:.1f} | {b:.1f} | {c:.1f} | {b / a:.2f}x | {c / a:.2f}x | {'yes' if same else 'NO'} |")
 
 
 def main():

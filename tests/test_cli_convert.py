@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from hf_models import save_llm, save_vision
 from safetensors.torch import load_file, save_file
 
 import medmoe
 from cli import main
-from hf_models import save_llm, save_vision
 
 
 def run(*args):

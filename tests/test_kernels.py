@@ -105,7 +105,7 @@ def test_auto_choice(monkeypatch):
 
 def test_unknown_impl_raises():
     x, idx, weight, w = make(2, 1, torch.float32)
-    with pytest.raises(ValueError, match="loop.*grouped.*gather"):
+    with pytest.raises(ValueError, match=r"loop.*grouped.*gather"):
         moe_mlp(x, idx, weight, w["w_in"], w["w_out"], impl="bogus")
 
 

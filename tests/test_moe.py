@@ -135,7 +135,7 @@ def test_sampling():
     # top_p this small keeps only the most likely token: sampling must then be greedy
     g = torch.Generator().manual_seed(0)
     assert all(M.sample(logits, temperature=1.0, top_p=0.05, generator=g).item() == 1 for _ in range(20))
-    draws = lambda seed: [M.sample(logits, 1.0, generator=torch.Generator().manual_seed(seed)).item() for _ in range(1)]  # noqa: E731
+    draws = lambda seed: [M.sample(logits, 1.0, generator=torch.Generator().manual_seed(seed)).item() for _ in range(1)]
     assert draws(3) == draws(3)
     counts = torch.bincount(torch.stack([M.sample(logits, 1.0, generator=g) for _ in range(2000)]).flatten(), minlength=4)
     want = logits.softmax(-1)[0] * 2000
@@ -151,3 +151,19 @@ def test_generation_stops_at_stop_tokens():
     stopped = model.generate(prompts, max_new_tokens=8, stop_ids=[stop])
     assert stopped[0] == free[0][: free[0].index(stop)]
     assert stopped[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
+
+
+def test_prompt_errors_are_clear():
+    torch.manual_seed(0)
+    model = M.MedMoE(M.Config(llm=tiny_llm(max_seq_len=16))).eval()
+    with pytest.raises(M.MedMoEError, match="outside the vocabulary"):
+        model.generate([[1, 99]])
+    with pytest.raises(M.MedMoEError, match="longer than the context length 16"):
+        model.generate([list(range(20))])
+    with pytest.raises(M.MedMoEError, match="no room to answer"):
+        model.generate([list(range(16))])
+    with pytest.raises(M.MedMoEError, match="more <image> placeholders"):
+        model.generate([[1, M.IMAGE_TOKEN, 2]])
+    # training truncates instead: the supervised text at the end of an over-long record is cut
+    logits, _ = model([list(range(20))])
+    assert logits.shape[1] == 16

@@ -3,9 +3,9 @@ identical greedy tokens, every architecture loaded through the converter."""
 
 import pytest
 import torch
+from hf_models import FAMILIES, VOCAB, save_llava, save_llm, save_vision
 
 import medmoe
-from hf_models import FAMILIES, VOCAB, save_llava, save_llm, save_vision
 
 TOL = 1e-4
 

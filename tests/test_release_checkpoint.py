@@ -13,10 +13,10 @@ import re
 
 import pytest
 import torch
+from hf_models import VOCAB, save_llm, save_vision
 from safetensors.torch import save_file
 
 import medmoe
-from hf_models import VOCAB, save_llm, save_vision
 
 E = 4
 
@@ -71,7 +71,8 @@ def write_release(path, family, clip, ref, meta=True, router_bias=True, top_k=1)
     for k, v in clip.state_dict().items():
         state[f"model.image_tower.image_tower.vision_model.{k}"] = v
     H, Dv = ref.config.hidden_size, clip.config.hidden_size
-    proj = {"0.weight": torch.randn(H, Dv) * 0.1, "0.bias": torch.randn(H) * 0.1, "2.weight": torch.randn(H, H) * 0.1, "2.bias": torch.randn(H) * 0.1}
+    proj = {"0.weight": torch.randn(H, Dv), "0.bias": torch.randn(H), "2.weight": torch.randn(H, H), "2.bias": torch.randn(H)}
+    proj = {k: v * 0.1 for k, v in proj.items()}
     state.update({f"model.mm_projector.image_spatial_proj.{k}": v for k, v in proj.items()})
     # two shards + index, as the release ships them
     path.mkdir()
@@ -136,8 +137,8 @@ def test_dense_stage2_release_and_use_residual_is_refused(tmp_path):
     stage2.mkdir()
     state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.bias"}
     state.update({f"model.image_tower.image_tower.vision_model.{k}": v for k, v in clip.state_dict().items()})
-    state.update({"model.mm_projector.image_spatial_proj.0.weight": torch.zeros(64, 128), "model.mm_projector.image_spatial_proj.0.bias": torch.zeros(64),
-                  "model.mm_projector.image_spatial_proj.2.weight": torch.zeros(64, 64), "model.mm_projector.image_spatial_proj.2.bias": torch.zeros(64)})
+    shapes = {"0.weight": (64, 128), "0.bias": (64,), "2.weight": (64, 64), "2.bias": (64,)}
+    state.update({f"model.mm_projector.image_spatial_proj.{k}": torch.zeros(s) for k, s in shapes.items()})
     save_file(state, stage2 / "model.safetensors")
     (stage2 / "config.json").write_text(json.dumps({**ref.config.to_dict(), "model_type": "llava_phi", "mm_vision_select_layer": -2}))
     medmoe.convert(str(tmp_path / "out2"), medmoe=str(stage2))
@@ -146,4 +147,4 @@ def test_dense_stage2_release_and_use_residual_is_refused(tmp_path):
     ids = [[3, 4, 5, 6]]
     ref.lm_head.bias.data.zero_()
     assert (ours(ids)[0] - ref(torch.tensor(ids)).logits).abs().max().item() <= 1e-4
-    assert VOCAB == ours.cfg.llm.vocab_size
+    assert ours.cfg.llm.vocab_size == VOCAB
