@@ -8,9 +8,9 @@ right expert's weights:
   loop     for each expert, the tokens routed to it -> F.linear. Simple; the test oracle.
   grouped  sort the (token, slot) rows by expert, then one grouped GEMM per projection over
            contiguous row blocks. Best for prefill and training.
-  gather   index each row's expert weights ([T*k, F, H]) and batch-matmul. No sorting, no
-           host sync and no opaque op, so under torch.compile it fuses into a few kernels:
-           decoding. (Eager, the indexing copies T*k weight matrices.)
+  gather   each row through its own expert's weights: under torch.compile an indexed
+           batch-matmul that inductor fuses (no sort, no host sync, no opaque op); eager, a
+           small matmul per row on weight views. Decoding.
 """
 
 import torch
@@ -19,26 +19,32 @@ from torch import Tensor
 
 IMPLS = ("loop", "grouped", "gather")
 
-# `auto` uses gather for at most this many (token, slot) rows, and only under torch.compile.
-# Measured on a 2-core AVX512 CPU (H=512, F=1408, E=4, SwiGLU, forward, ms):
-#   T*k                       1     8    16    32    64
-#   compiled gather  fp32   0.19   1.7   2.9   5.3  10.3
-#   compiled grouped fp32   0.60   5.6   5.6   7.1   7.5
-#   compiled gather  bf16   0.15   1.2   2.1   3.9   7.1
-#   compiled grouped bf16   0.51   1.8   2.5   2.9   3.3
+# `auto` uses gather for at most this many (token, slot) rows. Measured on a 2-core AVX512 CPU
+# (H=512, F=1408, E=4, SwiGLU, forward, ms):
+#   T*k                       1     2     4     8    16    32    64
+#   compiled gather  fp32   0.19               1.7   2.9   5.3  10.3
+#   compiled grouped fp32   0.60               5.6   5.6   7.1   7.5
+#   compiled gather  bf16   0.15               1.2   2.1   3.9   7.1
+#   compiled grouped bf16   0.51               1.8   2.5   2.9   3.3
+#   eager gather     fp32         1.97  3.88  7.4  14.7  30.0
+#   eager grouped    fp32         2.21  4.25  6.5   5.4   5.5
+#   eager gather     bf16         0.69  1.97  3.1   8.2  11.2
+#   eager grouped    bf16         1.16  2.03  2.1   3.1   2.4
 # Compiled, inductor fuses the weight indexing into the matrix-vector products (nothing is
-# copied, no host sync). Eager, w[idx] really copies T*k weight matrices and gather loses at
-# every size (fp32: 1.9 vs 0.5 ms at T*k=1, 71 vs 3.7 ms at 16).
+# copied, no host sync). Eager, gather runs one small matmul per row on weight views: it wins
+# only while there are very few rows (one decoded token).
 GATHER_MAX_ROWS = 16
+EAGER_GATHER_MAX_ROWS = 2
 
 
 def choose_impl(x: Tensor, rows: int) -> str:
     """The `auto` impl for tokens x [T, H] routed to `rows` = T*k (token, slot) pairs.
 
-    The crossover above is the same for fp32 and bf16, so x's dtype does not enter (CUDA is
+    The crossovers above are the same for fp32 and bf16, so x's dtype does not enter (CUDA is
     unmeasured). Under torch.compile with dynamic shapes the test on `rows` becomes a guard:
     decoding and prefill each get their own graph."""
-    return "gather" if torch.compiler.is_compiling() and rows <= GATHER_MAX_ROWS else "grouped"
+    limit = GATHER_MAX_ROWS if torch.compiler.is_compiling() else EAGER_GATHER_MAX_ROWS
+    return "gather" if rows <= limit else "grouped"
 
 
 def moe_mlp(x, expert_idx, expert_weight, w_in, w_out, *, w_gate=None, b_in=None, b_out=None,
@@ -90,6 +96,8 @@ def _moe_loop(x, idx, weight, weights, act):
 def _moe_gather(x, idx, weight, weights, act):
     T, k = idx.shape
     flat = idx.reshape(-1)  # row r = (token r // k, slot r % k)
+    if not torch.compiler.is_compiling() and T > 0:
+        return _moe_gather_eager(x, flat.tolist(), weight, weights, act)
 
     def linear(a, w, b):
         y = torch.bmm(w[flat], a.unsqueeze(-1)).squeeze(-1)  # [T*k, out, in] @ [T*k, in, 1]
@@ -97,6 +105,18 @@ def _moe_gather(x, idx, weight, weights, act):
 
     y = _expert(x.repeat_interleave(k, dim=0), linear, weights, act)
     return (y.unflatten(0, (T, k)) * weight.unsqueeze(-1)).sum(1)
+
+
+def _moe_gather_eager(x, experts, weight, weights, act):
+    """Eager, w[idx] would copy every row's weight matrices; w[e] for a Python int e is a free
+    view. One host sync (the ids), then a few matrix-vector products: the decode fast path."""
+    k = weight.shape[1]
+    rows = []
+    for r, e in enumerate(experts):
+        t = r // k
+        y = _expert(x[t : t + 1], F.linear, [None if w is None else w[e] for w in weights], act)
+        rows.append(y * weight[t, r % k])
+    return torch.cat(rows).unflatten(0, (x.shape[0], k)).sum(1)
 
 
 # ----------------------------------------------------------------------------- grouped

@@ -46,6 +46,9 @@ class VisionConfig:
     mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     std: tuple = (0.26862954, 0.26130258, 0.27577711)
 
+    def __post_init__(self):
+        self.mean, self.std = tuple(self.mean), tuple(self.std)  # JSON gives lists
+
     @property
     def num_patches(self):
         return (self.image_size // self.patch_size) ** 2
@@ -329,26 +332,24 @@ class Experts(nn.Module):
         super().__init__()
         self.act = ACTS[act]
 
-        def param(out_dim, in_dim=None):  # nn.Linear's default init, one slice per expert
-            shape = (num_experts, out_dim) if in_dim is None else (num_experts, out_dim, in_dim)
-            bound = 1 / math.sqrt(in_dim or (dim if out_dim == hidden else hidden))
-            return nn.Parameter(torch.empty(shape, device=device).uniform_(-bound, bound))
+        def param(*shape, fan_in):  # nn.Linear's default init, uniform(+-1/sqrt(fan_in)), per expert
+            bound = 1 / math.sqrt(fan_in)
+            return nn.Parameter(torch.empty(num_experts, *shape, device=device).uniform_(-bound, bound))
 
-        self.up_proj = param(hidden, dim)
-        self.up_bias = param(hidden) if bias else None
-        self.gate_proj = param(hidden, dim) if gated else None
-        self.down_proj = param(dim, hidden)
-        self.down_bias = param(dim) if bias else None
+        self.up_proj = param(hidden, dim, fan_in=dim)
+        self.up_bias = param(hidden, fan_in=dim) if bias else None
+        self.gate_proj = param(hidden, dim, fan_in=dim) if gated else None
+        self.down_proj = param(dim, hidden, fan_in=hidden)
+        self.down_bias = param(dim, fan_in=hidden) if bias else None
 
     @torch.no_grad()
     def copy_from(self, ffn: FeedForward):
         """Upcycling: every expert starts as a copy of the dense FFN (Med-MoE stage 3 `deepcopy`)."""
-        for name in ("up_proj", "gate_proj", "down_proj"):
+        sources = {"up_proj": ffn.up_proj.weight, "up_bias": ffn.up_proj.bias, "down_proj": ffn.down_proj.weight,
+                   "down_bias": ffn.down_proj.bias, "gate_proj": ffn.gate_proj.weight if ffn.gate_proj is not None else None}
+        for name, src in sources.items():
             if getattr(self, name) is not None:
-                getattr(self, name).copy_(getattr(ffn, name).weight.expand_as(getattr(self, name)))
-        for name, lin in (("up_bias", ffn.up_proj), ("down_bias", ffn.down_proj)):
-            if getattr(self, name) is not None:
-                getattr(self, name).copy_(lin.bias.expand_as(getattr(self, name)))
+                getattr(self, name).copy_(src.expand_as(getattr(self, name)))
 
     def forward(self, x, expert_idx, expert_weight, impl="auto"):
         return kernels.moe_mlp(
@@ -358,7 +359,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Med-MoE's FFN: out = sum_{i in top-k} g_i * E_i(x) + E_meta(x)   (paper Eq. 4-5).
+    """Med-MoE's FFN: out = sum_{i in top-k} g_i * E_i(x) + E_meta(x)   (released moe/layer.py).
 
     The router is a linear modality classifier over each token's FFN input, in fp32; g_i are
     its softmax probabilities, *not* renormalised over the top-k (released code; renormalise
@@ -513,6 +514,11 @@ class MedMoE(nn.Module):
         self.vision = VisionTower(cfg.vision) if cfg.vision else None
         self.projector = make_projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size) if cfg.vision else None
         self.llm = LLM(cfg.llm, cfg.moe)
+
+    def upcycle(self, moe: MoEConfig):
+        """Stage 3: the dense model becomes a Med-MoE (see LLM.upcycle); the config records it."""
+        self.cfg.moe = moe
+        self.llm.upcycle(moe)
 
     def encode_images(self, pixels):
         """[N, 3, S, S] -> [N, patches, H]: the visual tokens that replace <image>."""

@@ -167,3 +167,19 @@ def test_prompt_errors_are_clear():
     # training truncates instead: the supervised text at the end of an over-long record is cut
     logits, _ = model([list(range(20))])
     assert logits.shape[1] == 16
+
+
+def test_upcycled_model_saves_and_loads_identically(tmp_path):
+    torch.manual_seed(0)
+    vision = M.VisionConfig(image_size=28, patch_size=7, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
+    model = M.MedMoE(M.Config(llm=tiny_llm(arch="phi", **M.ARCHS["phi"]), vision=vision)).eval()
+    model.upcycle(M.MoEConfig(num_experts=3, top_k=1))
+    with torch.no_grad():
+        for layer in model.llm.moe_layers():  # experts differ from each other after training
+            layer.experts.up_proj.add_(torch.randn_like(layer.experts.up_proj))
+    M.save_model(model, tmp_path / "ckpt")
+    loaded = M.load_model(tmp_path / "ckpt")
+    assert loaded.cfg == model.cfg and loaded.cfg.moe.num_experts == 3
+    ids, pixels = [[1, M.IMAGE_TOKEN, 2, 3]], torch.randn(1, 3, 28, 28)
+    assert torch.equal(loaded(ids, pixels)[0], model(ids, pixels)[0])
+    assert loaded.generate(ids, pixels, max_new_tokens=5, stop_ids=[]) == model.generate(ids, pixels, max_new_tokens=5, stop_ids=[])

@@ -105,3 +105,20 @@ def test_mixtral_moe_block_matches_transformers(tmp_path, clip_dir):
             want = want[0] if isinstance(want, tuple) else want
             got = ours.llm.layers[i].ffn(x)
         assert (got - want).abs().max().item() <= TOL
+
+
+def test_full_clip_model_directory_as_vision_source(tmp_path):
+    """openai/clip-vit-* directories hold a whole CLIPModel (text side too): only the vision part is taken."""
+    transformers = pytest.importorskip("transformers")
+    from hf_models import vision_config
+
+    torch.manual_seed(0)
+    text = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision_config("clip").to_dict())).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    save_llm("qwen2", tmp_path / "llm")
+    ours = convert_and_load(tmp_path, vision=tmp_path / "clip", llm=tmp_path / "llm")
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        want = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        assert (ours.vision(pixels) - want).abs().max().item() <= TOL
