@@ -37,12 +37,14 @@ GATHER_MAX_ROWS = 16
 EAGER_GATHER_MAX_ROWS = 2
 
 
-def choose_impl(x: Tensor, rows: int) -> str:
+def choose_impl(x: Tensor, rows: int, needs_grad: bool = False) -> str:
     """The `auto` impl for tokens x [T, H] routed to `rows` = T*k (token, slot) pairs.
 
     The crossovers above are the same for fp32 and bf16, so x's dtype does not enter (CUDA is
     unmeasured). Under torch.compile with dynamic shapes the test on `rows` becomes a guard:
     decoding and prefill each get their own graph."""
+    if needs_grad:  # gather's backward materialises a weight gradient per row: a decode-only path
+        return "grouped"
     limit = GATHER_MAX_ROWS if torch.compiler.is_compiling() else EAGER_GATHER_MAX_ROWS
     return "gather" if rows <= limit else "grouped"
 
@@ -54,7 +56,8 @@ def moe_mlp(x, expert_idx, expert_weight, w_in, w_out, *, w_gate=None, b_in=None
     Expert e is  act(x @ w_gate[e].T) * (x @ w_in[e].T)  (SwiGLU) when w_gate is given, else
     act(x @ w_in[e].T + b_in[e]);  then  @ w_out[e].T + b_out[e]."""
     if impl == "auto":
-        impl = choose_impl(x, expert_idx.numel())
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad)
+        impl = choose_impl(x, expert_idx.numel(), needs_grad)
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE impl {impl!r}; choose one of {('auto',) + IMPLS}")
     dev = x.device.type

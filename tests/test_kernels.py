@@ -99,6 +99,7 @@ def test_auto_choice(monkeypatch):
     x = torch.zeros(1, H)
     assert kernels.choose_impl(x, kernels.EAGER_GATHER_MAX_ROWS) == "gather"  # eager: one decoded token
     assert kernels.choose_impl(x, kernels.EAGER_GATHER_MAX_ROWS + 1) == "grouped"
+    assert kernels.choose_impl(x, 1, needs_grad=True) == "grouped"  # training never takes gather
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as while dynamo traces
     assert kernels.choose_impl(x, kernels.GATHER_MAX_ROWS) == "gather"
     assert kernels.choose_impl(x, kernels.GATHER_MAX_ROWS + 1) == "grouped"
