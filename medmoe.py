@@ -550,12 +550,11 @@ class MedMoE(nn.Module):
                     parts.append(f)
                     part_labels.append(torch.full((len(f),), IGNORE, device=ids.device))
                 start = cut + 1
-            seqs.append(torch.cat(parts)[: self.cfg.llm.max_seq_len])
-            labs.append(torch.cat(part_labels)[: self.cfg.llm.max_seq_len])
-            if sum(len(p) for p in parts) > self.cfg.llm.max_seq_len and pad_left:
-                # generation cannot drop the end of a prompt: that is where the question is
-                raise MedMoEError(f"prompt {b} is {sum(len(p) for p in parts)} tokens with its image(s), "
-                                  f"longer than the context length {self.cfg.llm.max_seq_len}")
+            n, limit = sum(len(p) for p in parts), self.cfg.llm.max_seq_len
+            if pad_left and n > limit:  # generation cannot drop the end of a prompt: the question is there
+                raise MedMoEError(f"prompt {b} is {n} tokens with its image(s), longer than the context length {limit}")
+            seqs.append(torch.cat(parts)[:limit])  # training truncates, as the released code does
+            labs.append(torch.cat(part_labels)[:limit])
         if next(feats, None) is not None:
             raise MedMoEError("more images given than <image> placeholders in the prompts")
         T = max(len(s) for s in seqs)
