@@ -11,6 +11,7 @@ test: install
 
 bench:
 	$(PY) bench/bench_moe.py
+	$(PY) bench/bench_train.py
 
 lint:
 	ruff check .

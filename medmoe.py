@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels
 
@@ -96,6 +97,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0  # Med-MoE 0; MoE-LLaVA 0.01
     z_loss_coef: float = 0.0
     dispatch: str = "auto"  # kernels.moe_mlp implementation
+    modalities: list | None = None  # expert i <- modality i, when the router is a modality classifier
 
 
 @dataclass
@@ -455,6 +457,7 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.checkpointing = False  # training: recompute each block in backward instead of storing it
 
     def moe_layers(self):
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
@@ -484,7 +487,10 @@ class LLM(nn.Module):
         mask = attention_mask(key_valid, input_pos, T, embeds.device)
         x = embeds
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, input_pos)
         x = self.norm(x[:, -1] if last_only else x)
         return self.lm_head(x)
 
@@ -567,16 +573,21 @@ class MedMoE(nn.Module):
             embeds[b, sl], valid[b, sl], out_labels[b, sl] = s, True, lab
         return embeds, valid, (out_labels if labels is not None else None)
 
-    def forward(self, input_ids, pixels=None, labels=None):
+    def forward(self, input_ids, pixels=None, labels=None, num_tokens=None):
         """Training/scoring forward: right-padded batch -> (logits, loss or None)."""
         embeds, valid, labels = self.splice(input_ids, pixels, labels)
         positions = (valid.cumsum(-1) - 1).clamp(min=0)
         logits = self.llm(embeds, positions, None if valid.all() else valid)
-        return logits, (self.loss(logits, labels) if labels is not None else None)
+        return logits, (self.loss(logits, labels, num_tokens) if labels is not None else None)
 
-    def loss(self, logits, labels):
-        """Next-token cross-entropy plus the MoE aux terms (both weighted 0 in Med-MoE)."""
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    def loss(self, logits, labels, num_tokens=None):
+        """Next-token cross-entropy plus the MoE aux terms (both weighted 0 in Med-MoE). The
+        cross-entropy is summed and divided by num_tokens (default: this batch's supervised
+        tokens); a trainer passes the count over all micro-batches and processes of a step, so
+        every answer token weighs the same however the step is split."""
+        targets = labels[:, 1:].flatten()
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE, reduction="sum")
+        ce = ce / (num_tokens if num_tokens is not None else (targets != IGNORE).sum().clamp(min=1))
         moe = self.cfg.moe
         for layer in self.llm.moe_layers():
             if moe.aux_loss_coef:
@@ -1045,6 +1056,18 @@ def read_json(path, required=True):
             raise MedMoEError(f"{path}: invalid JSON ({e})") from None
 
 
+def default_template(arch, *dirs):
+    """The conversation template (data.TEMPLATES) a decoder was tuned with: read from its
+    tokenizer_config.json chat template when it has one, else Med-MoE's for Phi/StableLM."""
+    for d in dirs:
+        tc = read_json(os.path.join(d, "tokenizer_config.json"), required=False) if d else None
+        chat = str((tc or {}).get("chat_template") or "")
+        for marker, name in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<|assistant|>", "zephyr")):
+            if marker in chat:
+                return name
+    return {"phi": "phi", "stablelm": "stablelm", "qwen2": "chatml"}.get(arch, "llama3")
+
+
 def find_tokenizer(*dirs):
     for d in dirs:
         if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
@@ -1093,7 +1116,8 @@ def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, dtype=No
         raise MedMoEError("a vision tower is needed: give --vision DIR (a Hugging Face CLIP or SigLIP directory)")
     llm_cfg.lm_head_bias = "llm.lm_head.bias" in tensors  # LLaVA-Phi drops Phi-2's lm_head bias
     pre = read_json(os.path.join(vision or src, "preprocessor_config.json"), required=False)
-    cfg = Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe, template=template or llm_cfg.arch,
+    template = template or default_template(llm_cfg.arch, src, llm)
+    cfg = Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe, template=template,
                  projector=hf.get("image_projector_type") or hf.get("mm_projector_type") or "mlp2x_gelu")
     # keep only the vision layers the features come from
     tensors = {k: v for k, v in tensors.items() if not (k.startswith("vision.layers.") and int(k.split(".")[2]) >= cfg.vision.num_layers)}

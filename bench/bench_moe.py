@@ -1,7 +1,7 @@
 """Benchmark: the MoE layer per dispatch path, and whole-model greedy decoding, against a dense
 FFN doing the same active FLOPs and against transformers holding the same (converted) weights.
 
-    python bench/bench_moe.py            # full table (about 10 minutes on 2 CPU cores)
+    python bench/bench_moe.py            # full table (about 25 minutes on 2 CPU cores)
     python bench/bench_moe.py --quick    # fewer sizes, for a smoke run
 
 Prints markdown tables (copy them into BENCHMARKS.md). Throughput = tokens per second; every
@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import os
 import platform
@@ -28,14 +29,26 @@ transformers = __import__("transformers")  # test extra: the reference we compar
 transformers.logging.set_verbosity_error()
 
 
-def timeit(fn, min_time=0.3, max_reps=200):
-    fn(), fn()  # warm-up (and compilation)
+def timeit(fn, min_time, max_reps=200):
+    """Median seconds per call over repeated calls lasting about min_time."""
     times, start = [], time.perf_counter()
     while (time.perf_counter() - start < min_time or len(times) < 3) and len(times) < max_reps:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def race(fns, rounds, min_time, max_reps=200):
+    """Seconds per call of each candidate, timed round-robin: on a noisy machine a slow spell hits
+    every candidate alike instead of one row. Each candidate's figure is its median over rounds."""
+    for fn in fns.values():
+        fn(), fn()  # warm-up (and compilation)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(timeit(fn, min_time, max_reps))
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def quiet(fn, *a, **kw):
@@ -68,6 +81,17 @@ class HFBlock(torch.nn.Module):
         return self.block(x)
 
 
+def step(module, fn, x, grad):
+    """One forward (no grad) or forward+backward of fn on x."""
+    if grad is None:
+        with torch.no_grad():
+            fn(x)
+    else:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        fn(x).backward(grad)
+
+
 def with_dispatch(moe, impl):
     moe = copy.deepcopy(moe)
     moe.moe = dataclasses.replace(moe.moe, dispatch=impl)
@@ -94,38 +118,33 @@ def bench_layer(args, tmp):
         cands.update({f"medmoe top-2 ({impl}), compiled": with_dispatch(our_moe, impl) for impl in ("grouped", "gather", "auto")})
         cands["medmoe top-1 + meta (auto), compiled"] = medmoe_top1
     sizes = [1, 64, 2048] if args.quick else [1, 8, 64, 2048]
+    rounds, min_time = (2, 0.1) if args.quick else (5, 0.15)
+    torch._dynamo.config.recompile_limit = 64  # every compiled copy shares MoE.forward's code object
     rows = []
     for dtype in [torch.float32] if args.quick else [torch.float32, torch.bfloat16]:
         name = str(dtype).replace("torch.float32", "fp32").replace("torch.bfloat16", "bf16")
+        fns = {}
         for label, module in cands.items():
             module = copy.deepcopy(module).to(dtype)
             if isinstance(module, medmoe.MoE):
                 module.router.float()  # routers stay fp32, as loading keeps them
-            if label.endswith("compiled"):
-                torch._dynamo.reset()  # fresh cache: every copy shares MoE.forward's code object and its recompile limit
-            fn = torch.compile(module) if label.endswith("compiled") else module
-            for backward in (False, True):
-                cells = []
-                for T in sizes:
+            fns[label] = (module, torch.compile(module) if label.endswith("compiled") else module)
+        for backward in (False, True):
+            mode = "fwd+bwd" if backward else "fwd"
+            cells = {label: [] for label in fns}
+            for T in sizes:
+                x = torch.randn(1, T, H, dtype=dtype, requires_grad=backward)
+                grad = torch.randn(1, T, H, dtype=dtype)
+                runs = {}
+                for label, (module, fn) in fns.items():
                     if ("batched_mm" in label or "(gather)" in label) and T > 64:
-                        # per-token weight copies (and their gradients): GBs at 2048 tokens; these are decode paths
-                        cells.append(float("nan"))
-                        continue
-                    x = torch.randn(1, T, H, dtype=dtype, requires_grad=backward)
-                    grad = torch.randn(1, T, H, dtype=dtype)
-
-                    def run():
-                        if backward:
-                            x.grad = None
-                            module.zero_grad(set_to_none=True)
-                            fn(x).backward(grad)
-                        else:
-                            with torch.no_grad():
-                                fn(x)
-                    cells.append(T / timeit(run, min_time=0.2 if args.quick else 0.4))
-                mode = "fwd+bwd" if backward else "fwd"
-                rows.append((name, label, mode, cells))
-                print(f"  {name} {label} {mode}: " + " ".join(f"{c:,.0f}" for c in cells), file=sys.stderr, flush=True)
+                        continue  # per-token weight copies (and their gradients): GBs at 2048 tokens; decode paths
+                    runs[label] = functools.partial(step, module, fn, x, grad if backward else None)
+                times = race(runs, rounds, min_time)
+                for label in fns:
+                    cells[label].append(T / times[label] if label in times else float("nan"))
+                print(f"  {name} {mode} {T} tokens: done", file=sys.stderr, flush=True)
+            rows += [(name, label, mode, c) for label, c in cells.items()]
     return sizes, rows
 
 
@@ -145,7 +164,8 @@ def print_layer_table(sizes, rows):
         for base in ("dense FFN (2F, same active FLOPs)", "transformers Mixtral block (grouped_mm)", "transformers Mixtral block (eager)"):
             b = table.get((d, base, m))
             if b:
-                print(f"| {d} | {lab} | {m} | {base} | " + " | ".join("—" if y != y else f"{x / y:.2f}x" for x, y in zip(cells, b)) + " |")
+                ratios = ("—" if x != x or y != y else f"{x / y:.2f}x" for x, y in zip(cells, b))
+                print(f"| {d} | {lab} | {m} | {base} | " + " | ".join(ratios) + " |")
 
 
 def bench_decode(args, tmp):
@@ -167,10 +187,13 @@ def bench_decode(args, tmp):
         with torch.no_grad():
             hf_tokens = ref.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new)[0, prompt_len:].tolist()
         our_tokens = ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[])[0]
-        t_hf = timeit(lambda: ref.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new), min_time=1.0, max_reps=5)
-        t_ours = timeit(lambda: ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[]), min_time=1.0, max_reps=5)
         compiled_tokens = ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[], compile=True)[0]
-        t_comp = timeit(lambda: ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[], compile=True), min_time=1.0, max_reps=5)
+        t = race({
+            "hf": lambda: ref.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new),
+            "eager": lambda: ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[]),
+            "compiled": lambda: ours.generate(ids.tolist(), max_new_tokens=new, stop_ids=[], compile=True),
+        }, rounds=2 if args.quick else 5, min_time=0.5, max_reps=3)
+        t_hf, t_ours, t_comp = t["hf"], t["eager"], t["compiled"]
         same = hf_tokens == our_tokens == compiled_tokens
         rows.append((label, new / t_hf, new / t_ours, new / t_comp, same))
     print(f"\n### Whole-model greedy decode (batch 1, prompt {prompt_len}, {new} new tokens, fp32)\n")

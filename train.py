@@ -1,0 +1,655 @@
+"""Training Med-MoE in its three stages (SPEC: released scripts), on one process or many.
+
+    stage 1  align      projector only                  template `plain`   lr 1e-3
+    stage 2  instruct   LLM + projector                 chat template      lr 2e-5
+             then the router is fitted as a modality classifier on the FFN inputs
+    stage 3  MoE        upcycle; experts + meta expert  chat template      lr 2e-5
+             (the stage-2 router loaded frozen into every MoE layer)
+
+AdamW, cosine schedule with warmup, gradient accumulation and clipping; one process or
+`torchrun` (DDP, or FSDP2 with --fsdp). A step's loss is the mean over every answer token of
+every micro-batch on every process, so the split of a global batch never changes it.
+Checkpoints hold model, optimizer, schedule, RNG and data position: --resume continues the
+very same trajectory.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import medmoe
+import plots
+from medmoe import MedMoEError
+
+STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 2e-5}
+
+
+@dataclass
+class TrainArgs:
+    stage: int
+    model: str  # checkpoint to start from: converted (stage 1), stage-1 output (2), stage-2 output (3)
+    data: list
+    out: str
+    images: str | None = None
+    val_data: str | None = None
+    epochs: int = 1
+    max_steps: int | None = None  # stop (and end the schedule) after this many optimizer steps
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr: float | None = None  # default: STAGE_LR
+    weight_decay: float = 0.0
+    warmup: float = 0.03  # fraction of the steps
+    clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on GPUs that have it) | fp32 | bf16
+    grad_checkpointing: bool = False
+    compile: bool = False
+    template: str | None = None  # default: plain (stage 1), else the model's
+    image_mode: str | None = None  # default: crop (stage 1), pad (stages 2-3)
+    train_vision: bool = False  # for towers trained from scratch (the demo); frozen in the paper
+    save_every: int = 0  # steps; 0: only at the end (and on interrupt)
+    eval_every: int = 0
+    keep: int = 2  # checkpoints kept
+    resume: bool = False
+    fsdp: bool = False
+    workers: int = 0
+    log_every: int = 1
+    # stage 2: the router as a modality classifier
+    moe_layers: str = "sparse"
+    num_experts: int = 4
+    router_steps: int = 300
+    router_tokens: int = 64  # FFN inputs sampled per record and layer
+    # stage 3
+    top_k: int = 1
+    meta_expert: bool = True
+    router: str | None = None  # default: MODEL/router.safetensors
+    learned_router: bool = False  # ablation: train the router (with the aux loss) instead
+    aux_loss_coef: float = 0.0
+    quiet: bool = False
+
+
+# ----------------------------------------------------------------------------- a model from scratch
+
+# Shapes for models trained from scratch on a CPU (no pretrained tower or decoder offline).
+PRESETS = {
+    "tiny": dict(hidden=64, layers=4, heads=4, image=32, patch=8, vision_hidden=48, vision_layers=2, vocab=1000),
+    "small": dict(hidden=192, layers=6, heads=6, image=64, patch=8, vision_hidden=128, vision_layers=4, vocab=3000),
+}
+
+
+def init_model(out, data_files, images=None, preset="small", template="phi", seed=0):
+    """A randomly initialised Llama-style Med-MoE (CLIP-style tower, mlp2x_gelu projector) with
+    a byte-level BPE tokenizer trained on the questions and answers of `data_files`."""
+    if preset not in PRESETS:
+        raise MedMoEError(f"unknown preset {preset!r} (choose {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    examples = [ex for path in data_files for ex in data.load_examples(path, images)]
+    texts = [data.SYSTEM] + [f"{q} {a or ''}" for ex in examples for q, a in ex.turns]
+    os.makedirs(out, exist_ok=True)
+    tok = data.train_tokenizer(texts, p["vocab"], os.path.join(out, "tokenizer.json"))
+    llm = medmoe.LLMConfig(arch="llama", vocab_size=tok.get_vocab_size(), hidden_size=p["hidden"], intermediate_size=p["hidden"] * 2,
+                           num_layers=p["layers"], num_heads=p["heads"], num_kv_heads=p["heads"], max_seq_len=512,
+                           **medmoe.ARCHS["llama"], eos_ids=[tok.token_to_id("<|endoftext|>")])
+    vision = medmoe.VisionConfig(image_size=p["image"], patch_size=p["patch"], hidden_size=p["vision_hidden"],
+                                 intermediate_size=p["vision_hidden"] * 4, num_layers=p["vision_layers"], num_heads=4)
+    torch.manual_seed(seed)
+    model = medmoe.MedMoE(medmoe.Config(llm=llm, vision=vision, template=template))
+    medmoe.save_model(model, out)
+    return model
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def sum(self, *values):
+        """All-reduce a few floats (a no-op on one process)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_dist():
+    """One process, or the group torchrun describes in the environment (gloo on CPU, NCCL on GPU)."""
+    if "RANK" not in os.environ:
+        return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+# ----------------------------------------------------------------------------- model and trainable set
+
+
+def build_model(a: TrainArgs, source, fresh):
+    """Load `source`; a fresh stage 3 upcycles it and installs the stage-2 router."""
+    model = medmoe.load_model(source, dtype=torch.float32)
+    if a.stage == 3 and fresh:
+        if model.cfg.moe is not None:
+            raise MedMoEError(f"{source}: already a MoE model; stage 3 starts from a dense stage-2 model")
+        moe = medmoe.MoEConfig(num_experts=a.num_experts, top_k=a.top_k, layers=a.moe_layers, meta_expert=a.meta_expert,
+                               renormalize=a.top_k > 1, aux_loss_coef=a.aux_loss_coef)
+        model.upcycle(moe)
+        if not a.learned_router:
+            weight, bias, modalities = load_router(a.router or os.path.join(a.model, "router.safetensors"), a.num_experts)
+            moe.modalities = modalities
+            with torch.no_grad():
+                for layer in model.llm.moe_layers():
+                    layer.router.weight.copy_(weight)
+                    layer.router.bias.copy_(bias)
+    return model
+
+
+def set_trainable(model, a: TrainArgs):
+    """Exactly the stage's trainable set (SPEC); everything else gets requires_grad False."""
+    model.requires_grad_(False)
+    if a.stage in (1, 2):
+        model.projector.requires_grad_(True)
+        if a.stage == 2:
+            model.llm.requires_grad_(True)
+        if a.train_vision:
+            model.vision.requires_grad_(True)
+    else:
+        for layer in model.llm.moe_layers():
+            layer.experts.requires_grad_(True)
+            if layer.meta_expert is not None:
+                layer.meta_expert.requires_grad_(True)
+            layer.router.requires_grad_(a.learned_router)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def wrap(model, a: TrainArgs, d: Dist):
+    model.llm.checkpointing = a.grad_checkpointing
+    if a.compile:  # per block: one graph per block shape, reused across layers
+        for block in model.llm.layers:
+            block.compile(dynamic=True)
+    if d.world == 1:
+        return model
+    if a.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.llm.layers:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def autocast(a: TrainArgs, device):
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def cosine_with_warmup(total, warmup_frac):
+    warm = max(1, round(total * warmup_frac)) if warmup_frac > 0 else 0
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- the router as a modality classifier
+
+
+def load_router(path, num_experts):
+    """(weight [E, H], bias [E], modalities) from our router.safetensors or a Med-MoE router .pth."""
+    if not os.path.isfile(path):
+        raise MedMoEError(f"{path}: no router file; stage 3 needs the stage-2 router (or --router FILE, or --learned-router)")
+    if path.endswith(".pth"):  # Med-MoE's phi_router.pth / stablelm_router.pth: {fc1.weight, fc1.bias}
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        weight, bias, modalities = sd["fc1.weight"], sd["fc1.bias"], None
+    else:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+            modalities = json.loads((f.metadata() or {}).get("modalities", "null"))
+    if weight.shape[0] != num_experts:
+        raise MedMoEError(f"{path}: router has {weight.shape[0]} outputs but --num-experts is {num_experts}")
+    return weight.float(), bias.float(), modalities
+
+
+@torch.no_grad()
+def collect_ffn_inputs(model, run, dataset, batches, layer_ids, tokens, seed):
+    """FFN inputs of the given layers for every record in `batches`: per record and layer up to
+    `tokens` randomly chosen positions (image and text). Returns features [N, H], record index [N]."""
+    store = {}
+    hooks = [model.llm.layers[i].ffn.register_forward_pre_hook(lambda m, args, i=i: store.__setitem__(i, args[0]))
+             for i in layer_ids]
+    g = torch.Generator().manual_seed(seed)
+    feats, owners = [], []
+    try:
+        for batch in batches:
+            b = data.collate([dataset[i] for i in batch])
+            if not b.index:
+                continue
+            run(b.input_ids, b.pixels)
+            for row, i in enumerate(b.index):
+                n = dataset.lengths[i]
+                for layer in layer_ids:
+                    pick = torch.randperm(n, generator=g)[:tokens]
+                    feats.append(store[layer][row, pick].float().cpu())
+                    owners += [i] * len(pick)
+    finally:
+        for h in hooks:
+            h.remove()
+    return (torch.cat(feats) if feats else torch.zeros(0, model.cfg.llm.hidden_size)), torch.tensor(owners, dtype=torch.long)
+
+
+def fit_router(feats, labels, owners, held_out, num_classes, steps, seed):
+    """A linear classifier Linear(H, E) on FFN inputs (cross-entropy, AdamW, full batch):
+    Med-MoE's router, trained beforehand on modality labels (paper Fig. 6: a 1-layer linear
+    router works best). Returns the layer and held-out token / record accuracy."""
+    torch.manual_seed(seed)
+    router = torch.nn.Linear(feats.shape[1], num_classes)
+    train = ~held_out
+    scale = feats[train].std().clamp(min=1e-6)  # only to pick a learning rate that fits the features' scale
+    opt = torch.optim.AdamW(router.parameters(), lr=1e-2 / float(scale), weight_decay=0.0)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(router(feats[train]), labels[train])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        probs = router(feats).softmax(-1)
+    acc = {"train_loss": loss.item()}
+    if held_out.any():
+        acc["token_acc"] = float((probs[held_out].argmax(-1) == labels[held_out]).float().mean())
+        hits = []
+        for o in owners[held_out].unique():
+            rows = owners == o
+            hits.append(int(probs[rows].mean(0).argmax()) == int(labels[rows][0]))
+        acc["record_acc"], acc["held_out_records"] = sum(hits) / len(hits), len(hits)
+    return router, acc
+
+
+def train_router(model, run, dataset, a: TrainArgs, d: Dist, log):
+    """After stage 2: fit the router on the records that carry a modality label, hold out a
+    tenth of their images, report accuracy, and return (router, modalities, report)."""
+    labelled = [i for i, ex in enumerate(dataset.examples) if ex.modality]
+    if not labelled:
+        log("no record has a 'modality' label: no router fitted (stage 3 will need --learned-router)")
+        return None
+    modalities = sorted({dataset.examples[i].modality for i in labelled})
+    if len(modalities) > a.num_experts:
+        raise MedMoEError(f"{len(modalities)} modalities {modalities} but {a.num_experts} experts: raise --num-experts")
+    images = sorted({dataset.examples[i].image or str(i) for i in labelled})
+    rng = random.Random(a.seed)
+    held_images = set(rng.sample(images, max(1, len(images) // 10))) if len(images) > 1 else set()
+    layer_ids = medmoe.moe_layer_ids(medmoe.MoEConfig(layers=a.moe_layers), model.cfg.llm.num_layers)
+    batches = [labelled[j : j + a.batch_size * d.world] for j in range(0, len(labelled), a.batch_size * d.world)]
+    mine = [b[d.rank :: d.world] for b in batches if len(b) >= d.world]
+    feats, owners = collect_ffn_inputs(model, run, dataset, tqdm(mine, desc="router features", disable=a.quiet or not d.main),
+                                       layer_ids, a.router_tokens, a.seed + d.rank)
+    if d.world > 1:  # every process fits the same router on everything (cheap, deterministic)
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (feats, owners))
+        feats, owners = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    label_of = {m: k for k, m in enumerate(modalities)}
+    labels = torch.tensor([label_of[dataset.examples[int(o)].modality] for o in owners], dtype=torch.long)
+    held = torch.tensor([(dataset.examples[int(o)].image or str(int(o))) in held_images for o in owners], dtype=torch.bool)
+    router, report = fit_router(feats, labels, owners, held, a.num_experts, a.router_steps, a.seed)
+    report.update(modalities=modalities, records=len(labelled), layers=layer_ids)
+    return router, modalities, report
+
+
+def save_router(router, modalities, path):
+    from safetensors.torch import save_file
+
+    tensors = {"weight": router.weight.detach().contiguous(), "bias": router.bias.detach().contiguous()}
+    medmoe.atomic_write(path, lambda p: save_file(tensors, p, metadata={"modalities": json.dumps(modalities)}))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out, step):
+    return os.path.join(out, "checkpoints", f"step-{step:07d}")
+
+
+def latest_checkpoint(out):
+    path = os.path.join(out, "checkpoints", "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    full = os.path.join(out, "checkpoints", name)
+    return full if os.path.isdir(full) else None
+
+
+def full_state(wrapped, opt):
+    """The model and optimizer state as plain full tensors on CPU, from any wrapping (DDP, FSDP2);
+    a collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(wrapped, options=opts), get_optimizer_state_dict(wrapped, opt, options=opts)
+
+
+def save_training_checkpoint(out, step, model, wrapped, opt, sched, state, tok_json, d, keep):
+    """step-N/ = a loadable model directory + trainer.pt, written under a temporary name and
+    renamed: a kill at any moment leaves the previous checkpoint whole; then `latest` moves."""
+    model_sd, opt_sd = full_state(wrapped, opt)
+    if d.main:
+        final = checkpoint_dir(out, step)
+        tmp = final + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        keys = medmoe.expected_tensors(model)
+        medmoe.save_checkpoint(model.cfg, {k: v for k, v in model_sd.items() if k in keys}, tmp, tok_json)
+        trainer = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "state": state, "rng": torch.get_rng_state(),
+                   "python_rng": random.getstate()}
+        torch.save(trainer, os.path.join(tmp, "trainer.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        medmoe.atomic_write(os.path.join(out, "checkpoints", "latest"), lambda p: medmoe.write_bytes(p, os.path.basename(final).encode()))
+        names = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step-") and ".tmp" not in n)
+        for old in names[:-keep]:
+            shutil.rmtree(os.path.join(out, "checkpoints", old), ignore_errors=True)
+    d.barrier()
+    return checkpoint_dir(out, step)
+
+
+def load_trainer_state(path, wrapped, opt, sched):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    trainer = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(wrapped, opt, trainer["optimizer"], options=StateDictOptions(full_state_dict=True))
+    sched.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    random.setstate(trainer["python_rng"])
+    return trainer["state"]
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Log:
+    """train_log.jsonl (one line per step / evaluation) and loss.png, written by process 0."""
+
+    def __init__(self, out, main, resume_step=None):
+        self.path, self.png, self.main = os.path.join(out, "train_log.jsonl"), os.path.join(out, "loss.png"), main
+        self.rows = []
+        if main and resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:  # keep what happened up to the checkpoint; later lines are redone
+                self.rows = [r for r in map(json.loads, f) if r.get("step", 0) <= resume_step]
+        if main:
+            medmoe.atomic_write(self.path, lambda p: medmoe.write_bytes(p, "".join(json.dumps(r) + "\n" for r in self.rows).encode()))
+
+    def write(self, **row):
+        if self.main:
+            self.rows.append(row)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self, title):
+        if not self.main:
+            return
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        series = {"train loss": tuple(zip(*train))} if train else {}
+        if val:
+            series["validation loss"] = tuple(zip(*val))
+        if series:
+            plots.line_plot(self.png, series, title, "optimizer step", "cross-entropy")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit (a second Ctrl-C aborts at once)."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def train(a: TrainArgs, log=print):
+    """Run one stage. Returns a summary dict (steps, losses, router report, paths)."""
+    if a.stage not in (1, 2, 3):
+        raise MedMoEError(f"unknown stage {a.stage!r} (1, 2 or 3)")
+    d = setup_dist()
+    say = (lambda *m: log(*m)) if d.main and not a.quiet else (lambda *m: None)
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    os.makedirs(a.out, exist_ok=True)
+    resume_from = latest_checkpoint(a.out) if a.resume else None
+    if a.resume and resume_from is None:
+        say(f"no checkpoint in {a.out}/checkpoints: starting from {a.model}")
+    model = build_model(a, resume_from or a.model, fresh=resume_from is None)
+    if model.vision is None:
+        raise MedMoEError(f"{a.model}: the model has no vision tower")
+    tok_json = os.path.join(a.model, "tokenizer.json")
+    tok = data.load_tokenizer(a.model)
+    template = a.template or ("plain" if a.stage == 1 else model.cfg.template)
+    image_mode = a.image_mode or ("crop" if a.stage == 1 else "pad")
+    max_len = model.cfg.llm.max_seq_len
+
+    def dataset(paths):
+        examples = [ex for p in paths for ex in data.load_examples(p, a.images)]
+        return data.VQADataset(examples, tok, template, model.cfg.vision, image_mode, max_len)
+
+    train_set = dataset(a.data)
+    val_set = dataset([a.val_data]) if a.val_data else None
+    if len(train_set) == 0:
+        raise MedMoEError("no training records")
+    patches = model.cfg.vision.num_patches
+    unsupervised = sum(data.count_targets([ids], [labels], patches, max_len) == 0 for ids, labels in train_set.encoded)
+    if unsupervised == len(train_set):
+        raise MedMoEError(f"no record has an answer within the context length ({max_len} tokens): nothing to train on")
+    if unsupervised:
+        say(f"warning: {unsupervised} of {len(train_set)} records have no answer token within the context length ({max_len})")
+
+    params = set_trainable(model, a)
+    model.to(d.device).train()
+    wrapped = wrap(model, a, d)
+    lr = a.lr if a.lr is not None else STAGE_LR[a.stage]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
+
+    def epoch_batches(epoch):
+        """This process's micro-batches of one epoch: global batches (batch_size x processes) in
+        the repeatable length-grouped order, each split across processes."""
+        glob = data.length_grouped_batches(train_set.lengths, a.batch_size * d.world, a.seed, epoch)
+        return [b[d.rank :: d.world] for b in glob if len(b) >= d.world]
+
+    micro_per_epoch = len(epoch_batches(0))
+    steps_per_epoch = math.ceil(micro_per_epoch / a.grad_accum)
+    total = steps_per_epoch * a.epochs if a.max_steps is None else min(a.max_steps, steps_per_epoch * a.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, a.warmup))
+    state = {"step": 0, "epoch": 0, "micro": 0, "skipped": {}, "tokens": 0}
+    if resume_from:
+        state = load_trainer_state(resume_from, wrapped, opt, sched)
+        say(f"resuming from {resume_from} (step {state['step']})")
+    logbook = Log(a.out, d.main, state["step"] if resume_from else None)
+
+    def run(input_ids, pixels, labels=None, num_tokens=None):
+        pixels = pixels.to(d.device) if pixels is not None else None
+        with autocast(a, d.device):
+            return wrapped(input_ids, pixels, labels, num_tokens)
+
+    def train_step(micro):
+        """One optimizer step over this process's micro-batches; returns (mean loss, grad norm, input tokens)."""
+        for b in micro:
+            for s in b.skipped:
+                if s.path not in state["skipped"]:
+                    state["skipped"][s.path] = s.reason
+                    if d.main:
+                        tqdm.write(f"warning: skipped {s.reason}")
+        # every answer token of the step, on every process, weighs the same
+        local = sum(data.count_targets(b.input_ids, b.labels, patches, max_len) for b in micro)
+        n_tokens, n_inputs = d.sum(local, sum(train_set.lengths[i] for b in micro for i in b.index))
+        loss_sum = 0.0
+        for k, b in enumerate(micro):
+            if not b.index:
+                continue
+            last = k == len(micro) - 1
+            with wrapped.no_sync() if not last and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else nullcontext():
+                _, loss = run(b.input_ids, b.pixels, b.labels, num_tokens=max(n_tokens, 1) / d.world)
+                loss.backward()
+            loss_sum += float(loss.detach())
+        (loss_sum,) = d.sum(loss_sum / d.world)
+        step = state["step"] + 1
+        if not math.isfinite(loss_sum):
+            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+            raise MedMoEError(f"stage {a.stage}: loss is {loss_sum} at step {step}: stopped{where} (try a lower --lr)")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.clip if a.clip > 0 else float("inf")))
+        if not math.isfinite(grad_norm):
+            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+            raise MedMoEError(f"stage {a.stage}: gradient norm is {grad_norm} at step {step}: stopped{where} (try a lower --lr)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return loss_sum, grad_norm, n_inputs
+
+    summary = {"stage": a.stage, "steps": total, "out": a.out}
+    bar = tqdm(total=total, initial=state["step"], desc=f"stage {a.stage}", unit="step", disable=a.quiet or not d.main, dynamic_ncols=True)
+    last_ckpt = resume_from
+    t_start, tokens_at_start = time.perf_counter(), state["tokens"]
+    try:
+        with StopRequest() as stop:
+            while state["step"] < total:
+                batches = epoch_batches(state["epoch"])[state["micro"] :]
+                if not batches:  # the epoch ended exactly at the last checkpoint
+                    state["epoch"], state["micro"] = state["epoch"] + 1, 0
+                    continue
+                loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate, num_workers=a.workers)
+                for micro in chunks(loader, a.grad_accum):
+                    loss, grad_norm, n_inputs = train_step(micro)
+                    state["step"] += 1
+                    state["micro"] += len(micro)
+                    state["tokens"] += int(n_inputs)
+                    elapsed = time.perf_counter() - t_start
+                    tps = (state["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
+                    lr_now = sched.get_last_lr()[0]
+                    if state["step"] % a.log_every == 0 or state["step"] == total:
+                        logbook.write(step=state["step"], epoch=state["epoch"], loss=loss, lr=lr_now, grad_norm=grad_norm,
+                                      tokens=state["tokens"], tokens_per_s=tps, elapsed_s=elapsed)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:,.0f}")
+                    bar.update(1)
+                    if val_set and a.eval_every and state["step"] % a.eval_every == 0:
+                        logbook.write(step=state["step"], val_loss=evaluate(run, val_set, a, d, patches, max_len))
+                    stop_now = d.sum(1.0 if stop.signal else 0.0)[0] > 0
+                    if (a.save_every and state["step"] % a.save_every == 0) or stop_now:
+                        last_ckpt = save_training_checkpoint(a.out, state["step"], model, wrapped, opt, sched, state, tok_json, d, a.keep)
+                        logbook.plot(f"stage {a.stage}")
+                    if stop_now:
+                        bar.close()
+                        say(f"interrupted ({stop.signal or 'signal'}) at step {state['step']}: checkpoint saved to {last_ckpt}; "
+                            "continue with --resume")
+                        return {**summary, "interrupted": True, "step": state["step"], "checkpoint": last_ckpt}
+                    if state["step"] >= total:
+                        break
+                else:  # the epoch is done
+                    state["epoch"], state["micro"] = state["epoch"] + 1, 0
+    finally:
+        bar.close()
+    if val_set:
+        summary["val_loss"] = evaluate(run, val_set, a, d, patches, max_len)
+        logbook.write(step=state["step"], val_loss=summary["val_loss"])
+    if state["skipped"]:
+        say(f"skipped {len(state['skipped'])} unreadable image file(s) (listed above)")
+    summary.update(skipped=len(state["skipped"]), losses=[r["loss"] for r in logbook.rows if "loss" in r])
+    if a.stage == 2:
+        model.eval()
+        fitted = train_router(model, lambda ids, pix: run(ids, pix), train_set, a, d, say)
+        if fitted:
+            router, modalities, report = fitted
+            if d.main:
+                save_router(router, modalities, os.path.join(a.out, "router.safetensors"))
+            summary["router"] = report
+            say(f"router (modality classifier over {', '.join(modalities)}): held-out record accuracy "
+                f"{report.get('record_acc', float('nan')):.1%} on {report.get('held_out_records', 0)} records, "
+                f"token accuracy {report.get('token_acc', float('nan')):.1%}")
+    final = save_training_checkpoint(a.out, state["step"], model, wrapped, opt, sched, state, tok_json, d, a.keep)
+    if d.main:  # the finished model at the top of OUT, where `medmoe ask --model OUT` finds it
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if os.path.exists(os.path.join(final, name)):
+                publish(os.path.join(final, name), os.path.join(a.out, name))
+        args_json = json.dumps(asdict(a), indent=2).encode()
+        medmoe.atomic_write(os.path.join(a.out, "train_args.json"), lambda p: medmoe.write_bytes(p, args_json))
+        logbook.plot(f"stage {a.stage}")
+    d.barrier()
+    return summary
+
+
+def chunks(iterable, n):
+    """Consecutive lists of n items (the last may be shorter): the micro-batches of each step."""
+    it = iter(iterable)
+    while chunk := [x for _, x in zip(range(n), it)]:
+        yield chunk
+
+
+def publish(src, dst):
+    """Make dst the same file as src (a hard link: no copy of a large file), atomically."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+@torch.no_grad()
+def evaluate(run, dataset, a: TrainArgs, d: Dist, patches, max_len):
+    """Token-weighted mean cross-entropy of the answers over a validation set (all processes)."""
+    glob = [list(range(i, min(i + a.batch_size * d.world, len(dataset)))) for i in range(0, len(dataset), a.batch_size * d.world)]
+    total, count = 0.0, 0
+    for batch in glob:
+        b = data.collate([dataset[i] for i in batch[d.rank :: d.world]])
+        if not b.index:
+            continue
+        n = data.count_targets(b.input_ids, b.labels, patches, max_len)
+        _, loss = run(b.input_ids, b.pixels, b.labels, num_tokens=1.0)  # the summed cross-entropy
+        total, count = total + float(loss), count + n
+    total, count = d.sum(total, count)
+    return total / max(count, 1)
