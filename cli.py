@@ -123,6 +123,8 @@ def train(stage, model_dir, data_files, images, out, val_data, epochs, max_steps
     result = trainer.train(args, log=click.echo)
     if result.get("interrupted"):
         raise SystemExit(130)
+    if not result["main"]:  # under torchrun, process 0 reports
+        return
     losses = result.get("losses") or [float("nan")]
     click.echo(f"stage {stage}: {result['steps']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {out}")
 

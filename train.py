@@ -254,21 +254,22 @@ def collect_ffn_inputs(model, run, dataset, batches, layer_ids, tokens, seed):
              for i in layer_ids]
     g = torch.Generator().manual_seed(seed)
     feats, owners = [], []
-    try:
-        for batch in batches:
-            b = data.collate([dataset[i] for i in batch])
-            if not b.index:
-                continue
-            run(b.input_ids, b.pixels)
-            for row, i in enumerate(b.index):
-                n = dataset.lengths[i]
-                for layer in layer_ids:
-                    pick = torch.randperm(n, generator=g)[:tokens]
-                    feats.append(store[layer][row, pick].float().cpu())
-                    owners += [i] * len(pick)
-    finally:
-        for h in hooks:
-            h.remove()
+    # eager: a compiled block would keep calling the hook it was traced with, in every layer
+    with torch.compiler.set_stance("force_eager"):
+        try:
+            for batch in batches:
+                b = data.collate([dataset[i] for i in batch])
+                if not b.index:
+                    continue
+                run(b.input_ids, b.pixels)
+                for row, i in enumerate(b.index):
+                    for layer in layer_ids:
+                        pick = torch.randperm(dataset.lengths[i], generator=g)[:tokens]
+                        feats.append(store[layer][row, pick].float().cpu())
+                        owners += [i] * len(pick)
+        finally:
+            for h in hooks:
+                h.remove()
     return (torch.cat(feats) if feats else torch.zeros(0, model.cfg.llm.hidden_size)), torch.tensor(owners, dtype=torch.long)
 
 
@@ -490,9 +491,10 @@ def train(a: TrainArgs, log=print):
     if unsupervised:
         say(f"warning: {unsupervised} of {len(train_set)} records have no answer token within the context length ({max_len})")
 
-    params = set_trainable(model, a)
+    set_trainable(model, a)
     model.to(d.device).train()
     wrapped = wrap(model, a, d)
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in sharded parameters
     lr = a.lr if a.lr is not None else STAGE_LR[a.stage]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
 
@@ -551,7 +553,7 @@ def train(a: TrainArgs, log=print):
         sched.step()
         return loss_sum, grad_norm, n_inputs
 
-    summary = {"stage": a.stage, "steps": total, "out": a.out}
+    summary = {"stage": a.stage, "steps": total, "out": a.out, "main": d.main}
     bar = tqdm(total=total, initial=state["step"], desc=f"stage {a.stage}", unit="step", disable=a.quiet or not d.main, dynamic_ncols=True)
     last_ckpt = resume_from
     t_start, tokens_at_start = time.perf_counter(), state["tokens"]

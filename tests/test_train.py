@@ -153,14 +153,16 @@ def test_sigterm_saves_and_resume_matches(tmp_path, stages):
     assert resumed == reference["losses"]
 
 
-def test_two_processes_equal_one(tmp_path, stages):
+@pytest.mark.parametrize("shard", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one(tmp_path, stages, shard):
     """torchrun with 2 processes x batch 2 against 1 process x batch 4: the same global batches."""
     tmp, _ = stages
     common = ["train", "--stage", "2", "--model", str(tmp / "s1"), "--data", str(tmp / "d" / "train.jsonl"), "--max-steps", "5",
               "--lr", "1e-3", "--router-steps", "20"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "cli.py",
-                          *common, "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+    port = str(29517 + len(shard))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "cli.py",
+                          *common, *shard, "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one = train.train(args(tmp, 2, tmp / "s1", tmp_path / "one", batch_size=4, max_steps=5, lr=1e-3, router_steps=20))
