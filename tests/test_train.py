@@ -248,3 +248,12 @@ def test_three_stages_on_real_vqa_data(tmp_path):
         assert sum(losses[-per_epoch:]) < sum(losses[:per_epoch]), stage
     report = results[2]["router"]
     assert set(report["modalities"]) == {"ct", "mri", "xray", "pathology"} and report["held_out_records"] > 0
+
+
+def test_grad_checkpointing_changes_nothing_but_memory(tmp_path, stages):
+    tmp, _ = stages
+    plain = train.train(args(tmp, 2, tmp / "s1", tmp_path / "a", max_steps=3))
+    ckpt = train.train(args(tmp, 2, tmp / "s1", tmp_path / "b", max_steps=3, grad_checkpointing=True))
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
