@@ -460,7 +460,7 @@ def train(a: TrainArgs, log=print):
     if a.stage not in (1, 2, 3):
         raise MedMoEError(f"unknown stage {a.stage!r} (1, 2 or 3)")
     d = setup_dist()
-    say = (lambda *m: log(*m)) if d.main and not a.quiet else (lambda *m: None)
+    say = log if d.main and not a.quiet else (lambda *m: None)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     os.makedirs(a.out, exist_ok=True)
@@ -530,24 +530,21 @@ def train(a: TrainArgs, log=print):
         # every answer token of the step, on every process, weighs the same
         local = sum(data.count_targets(b.input_ids, b.labels, patches, max_len) for b in micro)
         n_tokens, n_inputs = d.sum(local, sum(train_set.lengths[i] for b in micro for i in b.index))
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=d.device)  # summed on the device: no host sync per micro-batch
         for k, b in enumerate(micro):
             if not b.index:
                 continue
-            last = k == len(micro) - 1
-            with wrapped.no_sync() if not last and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else nullcontext():
+            sync = k == len(micro) - 1 or not hasattr(wrapped, "no_sync")  # DDP: all-reduce gradients once per step
+            with nullcontext() if sync else wrapped.no_sync():
                 _, loss = run(b.input_ids, b.pixels, b.labels, num_tokens=max(n_tokens, 1) / d.world)
                 loss.backward()
-            loss_sum += float(loss.detach())
-        (loss_sum,) = d.sum(loss_sum / d.world)
-        step = state["step"] + 1
-        if not math.isfinite(loss_sum):
-            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-            raise MedMoEError(f"stage {a.stage}: loss is {loss_sum} at step {step}: stopped{where} (try a lower --lr)")
+            loss_sum += loss.detach()
+        (loss_sum,) = d.sum(float(loss_sum) / d.world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.clip if a.clip > 0 else float("inf")))
-        if not math.isfinite(grad_norm):
-            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-            raise MedMoEError(f"stage {a.stage}: gradient norm is {grad_norm} at step {step}: stopped{where} (try a lower --lr)")
+        for what, value in (("loss", loss_sum), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                raise MedMoEError(f"stage {a.stage}: {what} is {value} at step {state['step'] + 1}: stopped{where} (try a lower --lr)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -603,7 +600,7 @@ def train(a: TrainArgs, log=print):
     summary.update(skipped=len(state["skipped"]), losses=[r["loss"] for r in logbook.rows if "loss" in r])
     if a.stage == 2:
         model.eval()
-        fitted = train_router(model, lambda ids, pix: run(ids, pix), train_set, a, d, say)
+        fitted = train_router(model, run, train_set, a, d, say)
         if fitted:
             router, modalities, report = fitted
             if d.main:
