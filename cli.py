@@ -1,6 +1,9 @@
 """The `medmoe` command: parses arguments, calls medmoe.py, prints. Bad input is one line on
 stderr and exit status 1, never a traceback."""
 
+import json
+import os
+
 import click
 import torch
 
@@ -127,6 +130,181 @@ def train(stage, model_dir, data_files, images, out, val_data, epochs, max_steps
         return
     losses = result.get("losses") or [float("nan")]
     click.echo(f"stage {stage}: {result['steps']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {out}")
+
+
+# ----------------------------------------------------------------------------- using a model
+
+
+def model_options(f):
+    """Options shared by the commands that load a model to answer with it."""
+    for opt in reversed([
+        click.option("--model", "model_dir", type=click.Path(), help="Checkpoint directory (default: $MEDMOE_MODEL, else the demo model)."),
+        click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        click.option("--image-mode", type=click.Choice(["pad", "crop", "resize"]), default="pad", show_default=True,
+                     help="pad: as trained (stages 2-3); crop: as the authors' evaluation script."),
+        click.option("--compile/--no-compile", "compile_", default=None, help="Compile the decode step (default: on GPUs)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def assistant(model_dir, device, image_mode, compile_):
+    import vqa
+
+    dev, _ = vqa.pick_device(device)
+    return vqa.Assistant(vqa.find_model(model_dir), device=dev, image_mode=image_mode,
+                         compile=dev.type == "cuda" if compile_ is None else compile_)
+
+
+def echo_stream(pieces):
+    """Print text pieces as they arrive; return the whole answer."""
+    text = ""
+    for piece in pieces:
+        click.echo(piece, nl=False)
+        text += piece
+    click.echo()
+    return text.strip()
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.argument("question")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@click.option("--show-routing", is_flag=True, help="Which modality the router sees; experts chosen per MoE layer.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+def ask(image, question, model_dir, device, image_mode, compile_, as_json, show_routing, max_new_tokens):
+    """Answer QUESTION about IMAGE (PNG, JPEG, TIFF, BMP; DICOM with the dicom extra)."""
+    import vqa
+
+    a = assistant(model_dir, device, image_mode, compile_)
+    pixels = a.pixels(image)
+    if not as_json:
+        answer_aloud(a, pixels, question, max_new_tokens, show_routing)
+        return
+    out = {"image": image, "question": question, "answer": a.answer(pixels, [(question, None)], max_new_tokens), "model": a.name}
+    if show_routing:
+        out["routing"] = vqa.routing_dict(a, vqa.route(a, pixels, [a.prompt([(question, out["answer"])])])[0])
+    click.echo(json.dumps(out))
+
+
+def answer_aloud(a, pixels, question, max_new_tokens=256, show_routing=False):
+    """Stream the answer; then, if asked, how the question and answer were routed."""
+    import vqa
+
+    answer = echo_stream(a.stream(pixels, [(question, None)], max_new_tokens))
+    if show_routing:
+        click.echo(vqa.routing_table(a, vqa.route(a, pixels, [a.prompt([(question, answer)])])[0]))
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@model_options
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+def chat(image, model_dir, device, image_mode, compile_, max_new_tokens):
+    """A conversation about IMAGE; the history stays in the prompt. Ctrl-D or Ctrl-C quits."""
+    a = assistant(model_dir, device, image_mode, compile_)
+    pixels = a.pixels(image)
+    click.echo(f"{a.name} on {image}: ask away (Ctrl-D to quit)")
+    turns = []
+    try:
+        while True:
+            question = input("you> ")
+            if not question.strip():
+                continue
+            click.echo("medmoe> ", nl=False)
+            try:
+                answer = echo_stream(a.stream(pixels, turns + [(question, None)], max_new_tokens))
+            except medmoe.MedMoEError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
+                click.echo(f"error: {e}", err=True)
+                continue
+            turns.append((question, answer))
+    except (EOFError, KeyboardInterrupt):
+        click.echo()
+
+
+@main.command("eval")
+@click.option("--data", "data_file", required=True, type=click.Path(), help="Test records: LLaVA test JSON or VQA JSONL.")
+@click.option("--images", type=click.Path(), help="Image folder (default: the data file's folder).")
+@model_options
+@click.option("--out", default="predictions.jsonl", show_default=True, type=click.Path(dir_okay=False),
+              help="Predictions JSONL (the authors' format); an existing file is resumed.")
+@click.option("--limit", type=int, help="Only the first N records.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(data_file, images, model_dir, device, image_mode, compile_, out, limit, batch_size, max_new_tokens, as_json):
+    """Greedy answers to a VQA test file, scored as the Med-MoE authors score them."""
+    import data
+    import scorer
+    import vqa
+
+    examples = data.load_examples(data_file, images)[:limit]
+    if not examples:
+        raise medmoe.MedMoEError(f"{data_file}: no records")
+    a = assistant(model_dir, device, image_mode, compile_)
+    scores = vqa.evaluate(a, examples, out, batch_size, max_new_tokens)
+    click.echo(json.dumps(scores) if as_json else scorer.format_table(scores))
+    click.echo(f"predictions: {out}", err=as_json)
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--data", "data_file", type=click.Path(), help="Records with a 'modality' label: load per modality, router accuracy.")
+@click.option("--images-dir", type=click.Path(), help="Image folder of --data (default: its folder).")
+@model_options
+@click.option("--question", help="Question asked with each image (default: each record's own; for IMAGES, a generic one).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the expert-load heatmap here (PNG).")
+@click.option("--limit", type=int, help="Only the first N records of --data.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+def route(images, data_file, images_dir, model_dir, device, image_mode, compile_, question, plot, limit, batch_size):
+    """Expert load per MoE layer over IMAGES or --data: do the experts specialise?"""
+    import data
+    import plots
+    import vqa
+
+    if not images and not data_file:
+        raise medmoe.MedMoEError("give IMAGE files or --data FILE")
+    examples = [data.Example(id=p, image=p, turns=[(question or "What is shown in this image?", None)]) for p in images]
+    if data_file:
+        examples += data.load_examples(data_file, images_dir)[:limit]
+    a = assistant(model_dir, device, image_mode, compile_)
+    s = vqa.routing_summary(a, examples, vqa.route_many(a, examples, batch_size, question))
+    width = max(len(label) for label in s["row_labels"])
+    click.echo(" " * width + " " + " ".join(f"{n:>10}" for n in s["experts"]))
+    for label, row in zip(s["row_labels"], s["rows"]):
+        click.echo(f"{label:<{width}} " + " ".join(f"{v:>10.0%}" for v in row))
+    if s["router_accuracy"] is not None:
+        click.echo(f"router modality accuracy: {s['router_accuracy']:.1%} of {s['judged']} labelled records")
+    if plot:
+        plots.heatmap(plot, s["rows"], s["row_labels"], s["experts"], f"expert load ({a.name}, {len(examples)} records)")
+        click.echo(f"wrote {plot}")
+
+
+@main.command()
+@click.option("--source", type=click.Path(file_okay=False), help="A folder of VQA records with modality labels (e.g. ../shared/data) "
+              "instead of the images packaged in pydicom, pydicom-data, nibabel and scikit-image.")
+@click.option("--out", type=click.Path(file_okay=False), help="Where to build it (default: the demo home, where `ask` finds the model).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(source, out, seed):
+    """Train a tiny Med-MoE from scratch on real medical images, offline, and ask it a question."""
+    import demo as demo_lib
+    import scorer
+    import vqa
+
+    out = out or os.path.dirname(vqa.demo_dir())
+    r = demo_lib.run(out, source, seed, log=click.echo)
+    click.echo(f"\nheld-out questions ({len(r['test'])}, images never used in training), scored as the Med-MoE authors do:")
+    click.echo(scorer.format_table(r["scores"]))
+    routing = r["routing"]
+    click.echo(f"router: modality of {routing['router_accuracy']:.1%} of held-out questions' images right "
+               f"(mean router probability over the tokens from the image on); expert load in {os.path.join(out, 'routing.png')}")
+    ex = next(e for e in r["test"] if e.extra.get("question_type") == "MODALITY" and e.answer_type == "OPEN")
+    question = ex.turns[0][0].replace("<image>", "").strip()
+    click.echo(f"\n$ medmoe ask {ex.image} \"{question}\" --show-routing    (truth: {ex.turns[0][1]})")
+    a = vqa.Assistant(r["model"])
+    answer_aloud(a, a.pixels(ex.image), question, show_routing=True)
+    click.echo(f"\ndone in {r['seconds']:.0f} s; model in {r['model']} (`medmoe ask IMAGE \"QUESTION\"` uses it)")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class Example:
 
 def read_records(path):
     """A JSON list or JSON-lines file -> list of dicts."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise MedMoEError(f"{path}: no such data file")
     if path.endswith(".jsonl"):

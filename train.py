@@ -248,7 +248,8 @@ def load_router(path, num_experts):
 @torch.no_grad()
 def collect_ffn_inputs(model, run, dataset, batches, layer_ids, tokens, seed):
     """FFN inputs of the given layers for every record in `batches`: per record and layer up to
-    `tokens` randomly chosen positions (image and text). Returns features [N, H], record index [N]."""
+    `tokens` randomly chosen positions from the image on (image and text). Returns features [N, H],
+    record index [N]."""
     store = {}
     hooks = [model.llm.layers[i].ffn.register_forward_pre_hook(lambda m, args, i=i: store.__setitem__(i, args[0]))
              for i in layer_ids]
@@ -263,8 +264,11 @@ def collect_ffn_inputs(model, run, dataset, batches, layer_ids, tokens, seed):
                     continue
                 run(b.input_ids, b.pixels)
                 for row, i in enumerate(b.index):
+                    # from the image on: tokens before it (the system prompt) cannot know the modality (causal attention)
+                    ids = dataset.encoded[i][0]
+                    start = ids.index(medmoe.IMAGE_TOKEN) if medmoe.IMAGE_TOKEN in ids else 0
                     for layer in layer_ids:
-                        pick = torch.randperm(dataset.lengths[i], generator=g)[:tokens]
+                        pick = start + torch.randperm(max(0, dataset.lengths[i] - start), generator=g)[:tokens]
                         feats.append(store[layer][row, pick].float().cpu())
                         owners += [i] * len(pick)
         finally:

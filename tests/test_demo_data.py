@@ -1,0 +1,215 @@
+"""demo.py: the offline demo data (packaged DICOM/NIfTI/PNG files -> PNGs + VQA records) and its held-out split."""
+
+import hashlib
+import json
+import os
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+import data
+import demo
+from medmoe import MedMoEError
+
+
+def packages_or_skip():
+    for module in ("pydicom", "nibabel", "numpy"):
+        pytest.importorskip(module)
+    import importlib.util
+
+    if importlib.util.find_spec("skimage") is None:
+        pytest.skip("scikit-image is not installed")
+    from pydicom.data import get_testdata_file
+
+    if get_testdata_file("RG1_UNCI.dcm", download=False) is None:
+        pytest.skip("pydicom-data is not installed")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    packages_or_skip()
+    out = str(tmp_path_factory.mktemp("demo"))
+    summary = demo.assemble(out, seed=0)
+    records = {split: data.read_records(os.path.join(out, f"{split}.jsonl")) for split in ("train", "test")}
+    return out, summary, records
+
+
+def images_of(records):
+    """One entry per image: the first record about it."""
+    first = {}
+    for r in records:
+        first.setdefault(r["image"], r)
+    return list(first.values())
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def test_every_modality_in_both_splits_and_roughly_balanced(built):
+    _, summary, records = built
+    for split, low in (("train", 60), ("test", 20)):
+        counts = Counter(r["modality"] for r in images_of(records[split]))
+        assert set(counts) == set(demo.MODALITIES)
+        assert min(counts.values()) >= low and max(counts.values()) <= 2 * min(counts.values()), counts
+        assert counts == {m: n for m, n in summary["images"][split].items()}
+
+
+def test_held_out_images_share_no_pixels_with_training(built):
+    out, _, records = built
+    train, test = images_of(records["train"]), images_of(records["test"])
+    assert not any(r["augmented"] for r in test)  # test images are plain cuts of the source
+    boxes = {}
+    for r in train:
+        boxes.setdefault((r["source"], r["frame"]), []).append(r["box"])
+    for r in test:
+        for box in boxes.get((r["source"], r["frame"]), []):  # same slice of the same file: the boxes must not meet
+            assert not demo.overlaps(box, r["box"]), (r["source"], r["frame"], box, r["box"])
+    # and as files: no test PNG repeats a training PNG
+    assert not {sha(os.path.join(out, r["image"])) for r in train} & {sha(os.path.join(out, r["image"])) for r in test}
+    # every source is in both splits, so the test set measures each one
+    assert {r["source"] for r in train} == {r["source"] for r in test} == {s.file for s in demo.SOURCES}
+
+
+def test_slices_held_out_as_a_contiguous_block(built):
+    _, _, records = built
+    for src in demo.SOURCES:
+        if src.cut != "slices":
+            continue
+        test = sorted({r["frame"] for r in records["test"] if r["source"] == src.file})
+        train = {r["frame"] for r in records["train"] if r["source"] == src.file}
+        assert test == list(range(*src.test)) and not train & set(test)
+
+
+def test_questions_and_balanced_yes_no(built):
+    _, _, records = built
+    for split, recs in records.items():
+        per_image = Counter(r["image"] for r in recs)
+        assert set(per_image.values()) == {4}  # modality and region, open and yes/no
+        closed = [r for r in recs if r["answer_type"] == "CLOSED"]
+        assert {r["answer"] for r in closed} == {"yes", "no"}
+        for m in demo.MODALITIES:  # "yes" must not give the modality away
+            answers = Counter(r["answer"] for r in closed if r["modality"] == m)
+            assert abs(answers["yes"] - answers["no"]) <= 0.2 * sum(answers.values()), (split, m, answers)
+        for r in closed:
+            if r["question_type"] == "MODALITY":  # the question names the true modality exactly when the answer is yes
+                assert (r["question"] == demo.IS_MODALITY[r["modality"]]) == (r["answer"] == "yes")
+            else:
+                assert (r["question"] == demo.IS_REGION.format(r["organ"])) == (r["answer"] == "yes")
+                assert not (r["organ"] == "colon" and "abdomen" in r["question"])  # colon is in the abdomen: never a "no"
+        for r in recs:
+            if r["answer_type"] == "OPEN":
+                assert r["answer"] == (demo.SAY[r["modality"]] if r["question_type"] == "MODALITY" else r["organ"])
+
+
+def test_records_and_images_load(built):
+    out, _, _ = built
+    for split in ("train", "test"):
+        examples = data.load_examples(os.path.join(out, f"{split}.jsonl"))
+        assert examples and all(e.modality in demo.MODALITIES and e.answer_type in ("OPEN", "CLOSED") for e in examples)
+        for path in sorted({e.image for e in examples}):
+            img = data.load_image(path)
+            assert img.mode == "RGB" and img.size == (64, 64)
+
+
+def test_deterministic_for_a_seed(built, tmp_path):
+    out, _, _ = built
+    again = demo.assemble(str(tmp_path / "again"), seed=0, size=64)
+    for split in ("train", "test"):
+        with open(os.path.join(out, f"{split}.jsonl")) as a, open(tmp_path / "again" / f"{split}.jsonl") as b:
+            assert a.read() == b.read()
+    names = sorted(os.listdir(os.path.join(out, "images")))
+    assert names == sorted(os.listdir(tmp_path / "again" / "images"))
+    assert all(sha(os.path.join(out, "images", n)) == sha(tmp_path / "again" / "images" / n) for n in names)
+    other = demo.assemble(str(tmp_path / "other"), seed=1, size=32)
+    assert other["images"] == again["images"]  # the same counts, other crops
+    with open(os.path.join(out, "train.jsonl")) as a, open(tmp_path / "other" / "train.jsonl") as b:
+        assert a.read() != b.read()
+    assert Image.open(tmp_path / "other" / "images" / "test-0000.png").size == (32, 32)
+
+
+def test_missing_package_names_the_extra(monkeypatch, tmp_path):
+    packages_or_skip()
+    import importlib.util
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # what an import of a package that is not installed sees
+    with pytest.raises(MedMoEError, match=r"nibabel package: pip install 'medmoe\[demo\]'"):
+        demo.assemble(str(tmp_path / "out"))
+    monkeypatch.undo()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    with pytest.raises(MedMoEError, match=r"scikit-image package: pip install 'medmoe\[demo\]'"):
+        demo.assemble(str(tmp_path / "out"))
+    monkeypatch.undo()
+    import pydicom.data
+
+    monkeypatch.setattr(pydicom.data, "get_testdata_file", lambda name, download=True: None)
+    with pytest.raises(MedMoEError, match=r"pydicom-data package: pip install 'medmoe\[demo\]'"):
+        demo.assemble(str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------- source=<folder>
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def fake_folder(root):
+    """A VQA-RAD-like and a PathVQA-like subfolder: labelled and unlabelled images, a test image that is also in
+    train, and a test image whose bytes equal a train image's under another name."""
+    (root / "rad" / "images").mkdir(parents=True)
+    (root / "path" / "images").mkdir(parents=True)
+    for name, colour, size in (("a", 40, (80, 60)), ("b", 90, (50, 50)), ("c", 140, (30, 70)), ("d", 200, (64, 64))):
+        Image.new("L", size, colour).save(root / "rad" / "images" / f"{name}.png")
+    (root / "rad" / "images" / "a_copy.png").write_bytes((root / "rad" / "images" / "a.png").read_bytes())
+    for i in range(12):  # enough xray training images for the test top-up to move some
+        Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(root / "rad" / "images" / f"x{i}.png")
+    Image.new("RGB", (40, 30), (200, 120, 80)).save(root / "path" / "images" / "p1.png")
+    Image.new("RGB", (40, 30), (180, 100, 90)).save(root / "path" / "images" / "p2.png")
+    q = lambda image, modality, organ=None: {"image": f"images/{image}.png", "question": "q?", "answer": "yes", "modality": modality,
+                                             "organ": organ}
+    xrays = [q(f"x{i}", "xray", "chest") for i in range(12)]
+    write_jsonl(root / "rad" / "train.jsonl", [q("a", "ct", "head"), q("a", "ct"), q("b", None, "chest"), *xrays])
+    write_jsonl(root / "rad" / "test.jsonl", [q("a", "ct", "head"), q("a_copy", "ct", "head"), q("b", "mri", "chest"),
+                                             q("c", "mri", "abdomen"), q("d", None, "head")])
+    write_jsonl(root / "path" / "train.jsonl", [q("p1", "pathology")])
+    write_jsonl(root / "path" / "test.jsonl", [q("p2", "pathology")])
+
+
+def test_source_folder(tmp_path):
+    fake_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    summary = demo.assemble(str(out), source=str(tmp_path / "src"), size=32, seed=0)
+    recs = {split: data.read_records(str(out / f"{split}.jsonl")) for split in ("train", "test")}
+    train_src = {r["source"] for r in recs["train"]}
+    test_src = {r["source"] for r in recs["test"]}
+    # a (and its byte-identical copy) and b are in a train file: never test; d has no modality: nowhere
+    assert {"rad/images/a.png", "path/images/p1.png"} <= train_src
+    assert {"rad/images/c.png", "path/images/p2.png"} <= test_src
+    assert not test_src & {"rad/images/a.png", "rad/images/a_copy.png", "rad/images/b.png", "rad/images/d.png"}
+    assert not train_src & test_src and "rad/images/b.png" not in train_src
+    # xray had no test image: some training images were moved over, and are then in no training record
+    moved = {s for s in test_src if "/x" in s}
+    assert len(moved) == summary["test_images"]["moved"]["xray"] == 2
+    assert summary["test_images"]["dropped"] == 3  # a, a_copy, b
+    # questions: region ones only where an organ is known (not for pathology here)
+    for r in recs["test"] + recs["train"]:
+        assert r["question_type"] == "MODALITY" or r["organ"] is not None
+    assert Counter(r["image"] for r in recs["train"] if r["source"] == "path/images/p1.png").total() == 2
+    for split in ("train", "test"):
+        for e in data.load_examples(str(out / f"{split}.jsonl")):
+            assert data.load_image(e.image).size == (32, 32)
+    again = tmp_path / "again"
+    demo.assemble(str(again), source=str(tmp_path / "src"), size=32, seed=0)
+    assert (out / "test.jsonl").read_text() == (again / "test.jsonl").read_text()
+
+
+def test_source_folder_needs_both_splits(tmp_path):
+    write_jsonl(tmp_path / "src" / "train.jsonl", [])
+    with pytest.raises(MedMoEError, match=r"test\.jsonl"):
+        demo.assemble(str(tmp_path / "out"), source=str(tmp_path / "src"))
