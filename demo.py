@@ -27,8 +27,11 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+import train as trainer
+import vqa
 from data import load_examples, load_image, read_records
 from medmoe import MedMoEError
+from plots import heatmap
 
 MODALITIES = ("ct", "mri", "xray", "pathology")  # the router's labels, as in the shared VQA-RAD/PathVQA records
 SAY = {"ct": "ct", "mri": "mri", "xray": "x-ray", "pathology": "pathology"}  # the open answer, as a user writes it
@@ -456,10 +459,7 @@ def install(src, dst):
 
 def run(out, source=None, seed=0, log=print):
     """Assemble the images, train stages 1-3, install the model at out/model, and measure it on
-    the held-out images. Returns {"data", "stages", "scores", "routing", "model", "seconds"}."""
-    import train
-    import vqa
-
+    the held-out images. Returns {"data", "stages", "scores", "routing", "model", "test", "seconds"}."""
     t0 = time.time()
     work, model_dir = os.path.join(out, "work"), os.path.join(out, "model")
     data_dir = os.path.join(work, "data")
@@ -467,15 +467,14 @@ def run(out, source=None, seed=0, log=print):
     log(f"images: {found['images']['train']} for training, {found['images']['test']} held out "
         f"({found['records']['train']} / {found['records']['test']} questions) in {data_dir}")
     train_file, test_file = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "test.jsonl")
-    train.init_model(os.path.join(work, "m0"), [train_file], preset="tiny", template="phi", seed=seed)
+    captions = caption_file(train_file, os.path.join(data_dir, "captions.jsonl"))
+    trainer.init_model(os.path.join(work, "m0"), [train_file], preset="tiny", template="phi", seed=seed)
     stages, src = {}, os.path.join(work, "m0")
     for stage in (1, 2, 3):
         dst = os.path.join(work, f"s{stage}")
-        args = train.TrainArgs(stage=stage, model=src, out=dst, data=[caption_file(train_file, os.path.join(data_dir, "captions.jsonl"))
-                                                                      if stage == 1 else train_file],
-                               epochs=EPOCHS[stage], lr=LR[stage], batch_size=16, seed=seed,
-                               train_vision=stage < 3, moe_layers=MOE_LAYERS, keep=1)
-        stages[stage] = train.train(args, log=log)
+        args = trainer.TrainArgs(stage=stage, model=src, out=dst, data=[captions if stage == 1 else train_file], epochs=EPOCHS[stage],
+                                 lr=LR[stage], batch_size=16, seed=seed, train_vision=stage < 3, moe_layers=MOE_LAYERS, keep=1)
+        stages[stage] = trainer.train(args, log=log)
         src = dst
     install(src, model_dir)
     assistant = vqa.Assistant(model_dir)
@@ -485,8 +484,6 @@ def run(out, source=None, seed=0, log=print):
         os.remove(predictions)
     scores = vqa.evaluate(assistant, examples, predictions, batch_size=32, max_new_tokens=8)
     routing = vqa.routing_summary(assistant, examples, vqa.route_many(assistant, examples, batch_size=32))
-    from plots import heatmap
-
     heatmap(os.path.join(out, "routing.png"), routing["rows"], routing["row_labels"], routing["experts"],
             f"expert load on {len(examples)} held-out questions")
     return {"data": found, "stages": stages, "scores": scores, "routing": routing, "model": model_dir, "test": examples,
