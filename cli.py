@@ -212,13 +212,13 @@ def chat(image, model_dir, device, image_mode, compile_, max_new_tokens):
             question = input("you> ")
             if not question.strip():
                 continue
-            click.echo("medmoe> ", nl=False)
             try:
-                answer = echo_stream(a.stream(pixels, turns + [(question, None)], max_new_tokens))
+                a.prompt(turns + [(question, None)])
             except medmoe.MedMoEError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
                 click.echo(f"error: {e}", err=True)
                 continue
-            turns.append((question, answer))
+            click.echo("medmoe> ", nl=False)
+            turns.append((question, echo_stream(a.stream(pixels, turns + [(question, None)], max_new_tokens))))
     except (EOFError, KeyboardInterrupt):
         click.echo()
 

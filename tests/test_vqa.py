@@ -140,7 +140,7 @@ def test_chat_reports_a_too_long_turn_and_goes_on(model_dir, dataset):
     long = "word " * 400
     result = run("chat", first_image(dataset), "--model", model_dir, "--max-new-tokens", 2, input=f"{long}\n{QUESTION}\n")
     assert result.exit_code == 0
-    assert result.stderr.count("question too long") == 1 and result.output.count("medmoe> ") == 2
+    assert result.stderr.count("question too long") == 1 and result.stdout.count("medmoe> ") == 1  # only the good one answered
 
 
 def test_eval_writes_predictions_and_resumes(model_dir, dataset, tmp_path):
