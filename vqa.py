@@ -36,7 +36,12 @@ def find_model(path=None):
 
 def pick_device(device=None, dtype=None):
     """Default: the GPU in bf16 when there is one, else the CPU in fp32."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise MedMoEError(f"unknown device {device!r} (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MedMoEError("--device cuda, but this machine has no usable CUDA GPU")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return device, dtype

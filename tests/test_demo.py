@@ -1,6 +1,6 @@
 """`medmoe demo` end to end, as a new user runs it: no --out, no --model. The demo model then
 answers `ask`, `route --plot` and `eval` with no --model; its reported scores match the
-predictions it wrote, rescored independently. (About 2.5 minutes on a 2-core CPU.)"""
+predictions it wrote, rescored independently. (About 3 minutes on a 2-core CPU.)"""
 
 import json
 import os

@@ -244,3 +244,11 @@ def test_bad_input_is_one_line(name, case, bad_files, model_dir, tmp_path):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.strip().splitlines() if not re.match(r"\w+:\s+\d+%\|", line)]  # tqdm bars
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "unknown device"), ("cuda", "no usable CUDA GPU")])
+def test_bad_device_is_one_line(model_dir, dataset, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run("ask", first_image(dataset), QUESTION, "--model", model_dir, "--device", device)
+    assert result.exit_code == 1 and result.stderr.strip().count("\n") == 0 and message in result.stderr
