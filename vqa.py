@@ -110,9 +110,9 @@ class Assistant:
 
 @dataclass
 class Routing:
-    """Expert choices of one prompt: counts[layer][kind][expert] over the prompt's tokens
-    (kind 0 = image tokens, 1 = text tokens) and the router's mean probabilities per layer,
-    probs[layer][expert], over the tokens from the image on: those that can see it."""
+    """Expert choices of one prompt, over the tokens from the image on (those that can see it):
+    counts[layer][kind][expert] (kind 0 = image tokens, 1 = the text after the image) and the
+    router's mean probabilities per layer, probs[layer][expert]."""
 
     counts: torch.Tensor  # [L, 2, E]
     probs: torch.Tensor  # [L, E]
@@ -149,7 +149,8 @@ def route(assistant, pixels, prompts):
     out = []
     for b, ids in enumerate(prompts):
         kinds = token_kinds(ids, model.cfg.vision.num_patches, model.cfg.llm.max_seq_len)
-        start = ids.index(IMAGE_TOKEN)  # tokens before the image (the system prompt) cannot know its modality
+        start = ids.index(IMAGE_TOKEN)  # tokens before the image (the system prompt) cannot know its modality: not counted
+        kinds[:start] = -1
         counts, probs = torch.zeros(len(layers), 2, E), torch.zeros(len(layers), E)
         for j, layer in enumerate(layers):
             logits = layer.router_logits.view(B, T, E)[b, : len(kinds)].float()
@@ -200,7 +201,7 @@ def routing_summary(assistant, examples, results):
     names = expert_names(assistant.model)
     layers = moe_layer_numbers(assistant.model)
 
-    def load(rs):  # [L, E] fractions of all (image and text) tokens
+    def load(rs):  # [L, E] fractions of the tokens from the image on (image and text)
         c = sum(r.counts.sum(1) for r in rs)
         return c / c.sum(-1, keepdim=True).clamp(min=1)
 
