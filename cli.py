@@ -7,6 +7,7 @@ import os
 import click
 import torch
 
+import data
 import medmoe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,7 +93,7 @@ def init(out, data_files, images, preset, template, seed):
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute blocks in backward (less memory).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile each decoder block.")
 @click.option("--template", help="Conversation template (default: plain for stage 1, else the model's).")
-@click.option("--image-mode", type=click.Choice(["pad", "crop", "resize"]), help="Default: crop (stage 1), pad (stages 2-3).")
+@click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), help="Default: crop (stage 1), pad (stages 2-3).")
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower (models trained from scratch).")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: at the end).")
 @click.option("--eval-every", type=int, default=0, show_default=True)
@@ -140,7 +141,7 @@ def model_options(f):
     for opt in reversed([
         click.option("--model", "model_dir", type=click.Path(), help="Checkpoint directory (default: $MEDMOE_MODEL, else the demo model)."),
         click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
-        click.option("--image-mode", type=click.Choice(["pad", "crop", "resize"]), default="pad", show_default=True,
+        click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True,
                      help="pad: as trained (stages 2-3); crop: as the authors' evaluation script."),
         click.option("--compile/--no-compile", "compile_", default=None, help="Compile the decode step (default: on GPUs)."),
     ]):
@@ -151,9 +152,7 @@ def model_options(f):
 def assistant(model_dir, device, image_mode, compile_):
     import vqa
 
-    dev, _ = vqa.pick_device(device)
-    return vqa.Assistant(vqa.find_model(model_dir), device=dev, image_mode=image_mode,
-                         compile=dev.type == "cuda" if compile_ is None else compile_)
+    return vqa.Assistant(vqa.find_model(model_dir), device=device, image_mode=image_mode, compile=compile_)
 
 
 def echo_stream(pieces):
@@ -184,7 +183,7 @@ def ask(image, question, model_dir, device, image_mode, compile_, as_json, show_
         return
     out = {"image": image, "question": question, "answer": a.answer(pixels, [(question, None)], max_new_tokens), "model": a.name}
     if show_routing:
-        out["routing"] = vqa.routing_dict(a, vqa.route(a, pixels, [a.prompt([(question, out["answer"])])])[0])
+        out["routing"] = vqa.routing_dict(a, vqa.route_answer(a, pixels, question, out["answer"]))
     click.echo(json.dumps(out))
 
 
@@ -194,7 +193,7 @@ def answer_aloud(a, pixels, question, max_new_tokens=256, show_routing=False):
 
     answer = echo_stream(a.stream(pixels, [(question, None)], max_new_tokens))
     if show_routing:
-        click.echo(vqa.routing_table(a, vqa.route(a, pixels, [a.prompt([(question, answer)])])[0]))
+        click.echo(vqa.routing_table(a, vqa.route_answer(a, pixels, question, answer)))
 
 
 @main.command()
@@ -235,7 +234,6 @@ def chat(image, model_dir, device, image_mode, compile_, max_new_tokens):
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(data_file, images, model_dir, device, image_mode, compile_, out, limit, batch_size, max_new_tokens, as_json):
     """Greedy answers to a VQA test file, scored as the Med-MoE authors score them."""
-    import data
     import scorer
     import vqa
 
@@ -259,7 +257,6 @@ def evaluate(data_file, images, model_dir, device, image_mode, compile_, out, li
 @click.option("--batch-size", type=int, default=16, show_default=True)
 def route(images, data_file, images_dir, model_dir, device, image_mode, compile_, question, plot, limit, batch_size):
     """Expert load per MoE layer over IMAGES or --data: do the experts specialise?"""
-    import data
     import plots
     import vqa
 

@@ -53,8 +53,10 @@ class Assistant:
     image_mode: "pad" (default) prepares images as Med-MoE trains on them (stages 2-3);
     "crop" is what the authors' evaluation script does (CLIP resize + centre crop)."""
 
-    def __init__(self, directory, device=None, dtype=None, image_mode="pad", compile=False):
+    def __init__(self, directory, device=None, dtype=None, image_mode="pad", compile=None):
         device, dtype = pick_device(device, dtype)
+        # compiling the decode step pays off on a GPU; on a CPU its ~20 s first call buys nothing
+        compile = device.type == "cuda" if compile is None else compile
         self.model = medmoe.load_model(directory, dtype=dtype, device=device)
         self.tok = data.load_tokenizer(directory)
         self.template = data.get_template(self.model.cfg.template)
@@ -160,6 +162,11 @@ def route(assistant, pixels, prompts):
             probs[j] = logits[start:].softmax(-1).mean(0)
         out.append(Routing(counts, probs))
     return out
+
+
+def route_answer(assistant, pixels, question, answer):
+    """Routing of one question and the answer given to it (what `ask --show-routing` shows)."""
+    return route(assistant, pixels, [assistant.prompt([(question, answer)])])[0]
 
 
 def routing_dict(assistant, r: Routing):
