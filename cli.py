@@ -11,6 +11,11 @@ import data
 import medmoe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODALITIES = ("xray", "ct", "mri", "ultrasound", "pathology", "fundus")  # MedMoE's experts (the authors' code)
+
+
+def split_list(text):
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 class Group(click.Group):
@@ -37,9 +42,21 @@ def main():
 @click.option("--feature-layer", type=int, default=-2, show_default=True, help="Vision hidden state fed to the projector.")
 @click.option("--template", default=None, help="Conversation template (default: the decoder's).")
 @click.option("--max-seq-len", type=int, default=None, help="Context length (default: the decoder's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a freshly initialised projector.")
-def convert(out, vision, llm, llava, medmoe_dir, dtype, feature_layer, template, max_seq_len, seed):
-    """Make a medmoe checkpoint directory OUT (config.json, model.safetensors, tokenizer.json)."""
+@click.option("--swin", type=click.Path(), help="MedMoE: Hugging Face Swin directory (with --bert).")
+@click.option("--bert", type=click.Path(), help="MedMoE: Hugging Face BERT directory, e.g. Bio_ClinicalBERT (with --swin).")
+@click.option("--modalities", default=",".join(MODALITIES), show_default=True, help="MedMoE: one expert per modality.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of freshly initialised layers (projector; experts, router).")
+def convert(out, vision, llm, llava, medmoe_dir, dtype, feature_layer, template, max_seq_len, swin, bert, modalities, seed):
+    """Make a checkpoint directory OUT (config.json, model.safetensors, tokenizer.json): Med-MoE from
+    --vision/--llm/--llava/--medmoe, or MedMoE (contrastive) from --swin and --bert."""
+    if swin or bert:
+        import contrastive
+
+        if not (swin and bert):
+            raise medmoe.MedMoEError("a MedMoE checkpoint needs both --swin and --bert")
+        model = contrastive.convert(out, swin, bert, split_list(modalities), seed)
+        click.echo(f"wrote {out}\n{contrastive.describe(model)}")
+        return
     model = medmoe.convert(out, vision=vision, llm=llm, llava=llava, medmoe=medmoe_dir, dtype=DTYPES.get(dtype),
                            feature_layer=feature_layer, template=template, max_seq_len=max_seq_len, seed=seed)
     click.echo(f"wrote {out}")
@@ -49,7 +66,13 @@ def convert(out, vision, llm, llava, medmoe_dir, dtype, feature_layer, template,
 @main.command()
 @click.argument("directory", type=click.Path())
 def info(directory):
-    """Architecture, total parameters and parameters activated per token."""
+    """Architecture, total parameters and parameters activated per token (or image)."""
+    if medmoe.read_json(os.path.join(directory, "config.json")).get("kind") == "medmoe-contrastive":
+        import contrastive
+
+        with torch.device("meta"):
+            click.echo(contrastive.describe(contrastive.ContrastiveMedMoE(contrastive.load_config(directory))))
+        return
     cfg = medmoe.load_config(directory)
     with torch.device("meta"):
         model = medmoe.MedMoE(cfg)
@@ -62,10 +85,22 @@ def info(directory):
 @click.option("--images", type=click.Path(), help="Image folder (default: each data file's folder).")
 @click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @click.option("--template", default="phi", show_default=True, help="Conversation template.")
+@click.option("--kind", type=click.Choice(["med-moe", "contrastive"]), default="med-moe", show_default=True,
+              help="med-moe: the VQA model; contrastive: MedMoE (Swin + modality experts + BERT).")
+@click.option("--modalities", default=",".join(MODALITIES), show_default=True, help="contrastive: one expert per modality.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def init(out, data_files, images, preset, template, seed):
-    """A Med-MoE trained from scratch starts here: random weights and a tokenizer fitted to DATA."""
+def init(out, data_files, images, preset, template, kind, modalities, seed):
+    """A model trained from scratch starts here: random weights and a tokenizer fitted to DATA."""
     import train as trainer
+
+    if kind == "contrastive":
+        import contrastive
+
+        examples = [ex for path in data_files for ex in data.load_examples(path, images)]
+        texts = [t for ts in data.captions(examples).values() for t in ts]
+        model = contrastive.init_model(out, texts, split_list(modalities), preset, seed)
+        click.echo(f"wrote {out}\n{contrastive.describe(model)}")
+        return
 
     model = trainer.init_model(out, list(data_files), images, preset, template, seed)
     click.echo(f"wrote {out}")
@@ -73,7 +108,8 @@ def init(out, data_files, images, preset, template, seed):
 
 
 @main.command()
-@click.option("--stage", type=click.IntRange(1, 3), required=True, help="1 align, 2 instruct (+ router), 3 MoE.")
+@click.option("--stage", type=click.Choice(["1", "2", "3", "contrastive"]), required=True,
+              help="Med-MoE: 1 align, 2 instruct (+ router), 3 MoE; contrastive: MedMoE.")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Checkpoint to start from.")
 @click.option("--data", "data_files", required=True, multiple=True, type=click.Path(), help="Training records, JSON/JSONL (repeatable).")
 @click.option("--images", type=click.Path(), help="Image folder (default: each data file's folder).")
@@ -95,6 +131,7 @@ def init(out, data_files, images, preset, template, seed):
 @click.option("--template", help="Conversation template (default: plain for stage 1, else the model's).")
 @click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), help="Default: crop (stage 1), pad (stages 2-3).")
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower (models trained from scratch).")
+@click.option("--train-text", is_flag=True, help="contrastive: also train the text encoder (models trained from scratch).")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: at the end).")
 @click.option("--eval-every", type=int, default=0, show_default=True)
 @click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints to keep.")
@@ -110,17 +147,19 @@ def init(out, data_files, images, preset, template, seed):
 @click.option("--learned-router", is_flag=True, help="Stage 3 ablation: train the router (use with --aux-loss-coef) instead.")
 @click.option("--aux-loss-coef", type=float, default=0.0, show_default=True, help="Load-balancing loss weight (Med-MoE 0, MoE-LLaVA 0.01).")
 def train(stage, model_dir, data_files, images, out, val_data, epochs, max_steps, batch_size, grad_accum, lr, weight_decay, warmup,
-          clip, seed, precision, grad_checkpointing, compile_, template, image_mode, train_vision, save_every, eval_every, keep, resume,
-          fsdp, workers, moe_layers, num_experts, router_steps, top_k, no_meta_expert, router_file, learned_router, aux_loss_coef):
-    """Train one Med-MoE stage; the same command runs under `torchrun --nproc_per_node N`."""
+          clip, seed, precision, grad_checkpointing, compile_, template, image_mode, train_vision, train_text, save_every, eval_every, keep,
+          resume, fsdp, workers, moe_layers, num_experts, router_steps, top_k, no_meta_expert, router_file, learned_router, aux_loss_coef):
+    """Train one stage; the same command runs under `torchrun --nproc_per_node N`."""
     import train as trainer
 
+    stage = int(stage) if stage.isdigit() else stage
     layers = [int(i) for i in moe_layers.split(",")] if moe_layers[:1].isdigit() else moe_layers
     args = trainer.TrainArgs(
         stage=stage, model=model_dir, data=list(data_files), out=out, images=images, val_data=val_data, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup,
         clip=clip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing, compile=compile_, template=template,
-        image_mode=image_mode, train_vision=train_vision, save_every=save_every, eval_every=eval_every, keep=keep, resume=resume,
+        image_mode=image_mode, train_vision=train_vision,
+        train_text=train_text, save_every=save_every, eval_every=eval_every, keep=keep, resume=resume,
         fsdp=fsdp, workers=workers, moe_layers=layers, num_experts=num_experts, router_steps=router_steps, top_k=top_k,
         meta_expert=not no_meta_expert, router=router_file, learned_router=learned_router, aux_loss_coef=aux_loss_coef,
     )
@@ -276,6 +315,80 @@ def route(images, data_file, images_dir, model_dir, device, image_mode, compile_
     if plot:
         plots.heatmap(plot, s["rows"], s["row_labels"], s["experts"], f"expert load ({a.name}, {len(examples)} records)")
         click.echo(f"wrote {plot}")
+
+
+# ----------------------------------------------------------------------------- MedMoE (contrastive)
+
+
+def contrastive_model(model_dir, device):
+    import contrastive
+    import vqa
+
+    dev, _ = vqa.pick_device(device)
+    path = model_dir or os.environ.get("MEDMOE_MODEL")
+    if not path:
+        raise medmoe.MedMoEError("no model: pass --model DIR (a MedMoE checkpoint) or set MEDMOE_MODEL")
+    model = contrastive.load_model(path, dtype=torch.float32, device=dev)
+    return model, contrastive.load_wordpiece(path, model.cfg.text.max_tokens)
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--labels", help="Comma-separated classes, e.g. \"ct,mri,x-ray,pathology\" (default: the model's modalities).")
+@click.option("--data", "data_file", type=click.Path(), help="Labelled records (or a folder of class subfolders): accuracy.")
+@click.option("--images-dir", type=click.Path(), help="Image folder of --data (default: its folder).")
+@click.option("--field", default="modality", show_default=True, help="The label field of --data records.")
+@click.option("--model", "model_dir", type=click.Path(), help="MedMoE checkpoint (default: $MEDMOE_MODEL).")
+@click.option("--device", help="cpu, cuda ... (default: cuda if available).")
+@click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True)
+def classify(images, labels, data_file, images_dir, field, model_dir, device, image_mode):
+    """Zero-shot classification of IMAGES (prompt ensembles per class) with the expert each was routed to;
+    with --data, accuracy over labelled images and the router's modality accuracy."""
+    import contrastive
+
+    if not images and not data_file:
+        raise medmoe.MedMoEError("give IMAGE files or --data FILE")
+    model, tok = contrastive_model(model_dir, device)
+    names = split_list(labels) if labels else list(model.cfg.modalities)
+    paths, truth = list(images), [None] * len(images)
+    if data_file:
+        more, more_truth = contrastive.labelled_images(data_file, images_dir, field)
+        paths, truth = paths + more, truth + more_truth
+        names = names if labels else sorted(set(more_truth))
+    emb, experts = contrastive.embed_images(model, paths, image_mode, progress=bool(data_file))
+    probs = contrastive.zero_shot_scores(model, tok, emb, names)
+    for path, p, e in zip(images, probs, experts):
+        ranked = sorted(zip(names, p.tolist()), key=lambda kv: -kv[1])
+        click.echo(f"{path}: " + ", ".join(f"{n} {v:.1%}" for n, v in ranked) + f"  (routed to the {model.cfg.modalities[e]} expert)")
+    labelled = [i for i, t in enumerate(truth) if t is not None]
+    if labelled:
+        hits = sum(names[int(probs[i].argmax())] == truth[i] for i in labelled)
+        click.echo(f"zero-shot {field} accuracy: {hits / len(labelled):.1%} of {len(labelled)} images ({', '.join(names)})")
+        routed = [i for i in labelled if truth[i] in model.cfg.modalities]
+        if field == "modality" and routed:
+            right = sum(model.cfg.modalities[experts[i]] == truth[i] for i in routed)
+            click.echo(f"router modality accuracy: {right / len(routed):.1%} of {len(routed)} images")
+
+
+@main.command()
+@click.option("--train", "train_file", required=True, type=click.Path(), help="Labelled records or a folder of class subfolders.")
+@click.option("--test", "test_file", required=True, type=click.Path(), help="Held-out labelled records or folder.")
+@click.option("--images-dir", type=click.Path(), help="Image folder of the records (default: each file's folder).")
+@click.option("--field", default="modality", show_default=True, help="The label field of the records.")
+@click.option("--model", "model_dir", type=click.Path(), help="MedMoE checkpoint (default: $MEDMOE_MODEL).")
+@click.option("--device", help="cpu, cuda ... (default: cuda if available).")
+@click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True)
+def probe(train_file, test_file, images_dir, field, model_dir, device, image_mode):
+    """Linear probe: a linear classifier on frozen global image embeddings, accuracy on held-out images."""
+    import contrastive
+
+    model, _ = contrastive_model(model_dir, device)
+    train_paths, train_y = contrastive.labelled_images(train_file, images_dir, field)
+    test_paths, test_y = contrastive.labelled_images(test_file, images_dir, field)
+    train_x, _ = contrastive.embed_images(model, train_paths, image_mode)
+    test_x, _ = contrastive.embed_images(model, test_paths, image_mode)
+    acc = contrastive.linear_probe(train_x, train_y, test_x, test_y)
+    click.echo(f"linear probe ({field}): {acc:.1%} of {len(test_y)} held-out images ({len(train_y)} training images)")
 
 
 @main.command()

@@ -408,3 +408,76 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, group=64):
         batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+# ----------------------------------------------------------------------------- image-caption pairs (MedMoE, contrastive)
+
+# How a caption names a modality label (the VQA records' `modality` field).
+MODALITY_WORDS = {"ct": "ct scan", "mri": "mri scan", "xray": "x-ray", "pathology": "pathology slide", "ultrasound": "ultrasound",
+                  "fundus": "fundus photograph"}
+
+
+def captions(examples):
+    """Image path -> its short texts: a record's `caption` if it has one, else one built from its
+    modality/organ labels and its question-answer pair ("ct scan of the head. is there a bleed? no")."""
+    out = {}
+    for ex in examples:
+        if ex.image is None:
+            continue
+        if "caption" in ex.extra:
+            text = ex.extra["caption"]
+        else:
+            what = MODALITY_WORDS.get(ex.modality, ex.modality or "image") + (f" of the {ex.organ}" if ex.organ else "")
+            q, a = ex.turns[0]
+            text = f"{what}. {q.replace('<image>', '').strip()} {a or ''}".strip()
+        out.setdefault(ex.image, []).append(text)
+    return out
+
+
+@dataclass
+class CaptionBatch:
+    index: list
+    pixels: torch.Tensor
+    ids: torch.Tensor  # [B, T] word pieces
+    mask: torch.Tensor  # [B, T] True on real tokens
+    pieces: torch.Tensor  # [B, T] True on '##' continuation pieces
+    modality: torch.Tensor  # [B] label index, -1 when unlabelled
+    skipped: list
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per distinct image (so a batch never holds the same image twice: no false
+    negatives in the contrastive loss), with one of its captions, a different one each epoch."""
+
+    def __init__(self, examples, encode, vision, modalities, image_mode="pad", seed=0):
+        self.texts = captions(examples)
+        self.images = sorted(self.texts)
+        label = {}
+        for ex in examples:
+            if ex.image is not None and ex.modality:
+                label[ex.image] = ex.modality
+        self.modality = [modalities.index(label[p]) if label.get(p) in modalities else -1 for p in self.images]
+        self.encode, self.vision, self.image_mode, self.seed, self.epoch = encode, vision, image_mode, seed, 0
+        self.lengths = [1] * len(self.images)  # nothing to group by length
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        path, texts = self.images[i], self.texts[self.images[i]]
+        try:
+            pixels = load_pixels(path, self.vision, self.image_mode)
+        except MedMoEError as e:
+            return Skipped(path, str(e))
+        pick = random.Random(f"{self.seed}:{self.epoch}:{i}").randrange(len(texts))  # repeatable: resume sees the same captions
+        return {"index": i, "pixels": pixels, "text": texts[pick], "modality": self.modality[i]}
+
+    def collate(self, items):
+        ok = [x for x in items if not isinstance(x, Skipped)]
+        ids, mask, pieces = self.encode([x["text"] for x in ok])
+        return CaptionBatch(index=[x["index"] for x in ok], pixels=torch.stack([x["pixels"] for x in ok]) if ok else None,
+                            ids=ids, mask=mask, pieces=pieces, modality=torch.tensor([x["modality"] for x in ok], dtype=torch.long),
+                            skipped=[x for x in items if isinstance(x, Skipped)])

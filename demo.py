@@ -255,12 +255,15 @@ def cut_crops(src, frames, rng, size):
 
 
 def fit(img, size):
-    img = square(img)
-    return img.resize((size, size), Image.BICUBIC, reducing_gap=2.0)  # reducing_gap: a fast box pre-shrink of big crops
+    """Long side to `size`, shape kept. Squaring is left to the model's `pad` preprocessing, which fills with the
+    mean colour as Med-MoE does: black fill would make every half-slice CT look like a scan mostly of air."""
+    scale = size / max(img.size)
+    shape = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(shape, Image.BICUBIC, reducing_gap=2.0)  # reducing_gap: a fast box pre-shrink of big crops
 
 
 def cut(src, frames, rng, size):
-    """-> {"train"/"test": [(PIL image of size x size, frame, box in frame pixels, augmented?)]}."""
+    """-> {"train"/"test": [(PIL image with long side `size`, frame, box in frame pixels, augmented?)]}."""
     return (cut_slices if src.cut == "slices" else cut_crops)(src, frames, rng, size)
 
 
@@ -375,7 +378,7 @@ def top_up(labelled, rng, share=0.1, target=0.2):
 
 
 def assemble(out_dir, source=None, size=64, seed=0, train_scale=1):
-    """Write out_dir/images/*.png (size x size) and out_dir/{train,test}.jsonl; return a summary.
+    """Write out_dir/images/*.png (long side `size`) and out_dir/{train,test}.jsonl; return a summary.
     train_scale multiplies the number of training slices/crops drawn from each packaged source.
     source=None: the packaged sources above (needs pydicom, pydicom-data, nibabel and scikit-image);
     source=<folder>: the modality-labelled images of that folder's VQA records."""
@@ -474,7 +477,8 @@ def run(out, source=None, seed=0, log=print):
     for stage in (1, 2, 3):
         dst = os.path.join(work, f"s{stage}")
         args = trainer.TrainArgs(stage=stage, model=src, out=dst, data=[captions if stage == 1 else train_file], epochs=EPOCHS[stage],
-                                 lr=LR[stage], batch_size=16, seed=seed, train_vision=stage < 3, moe_layers=MOE_LAYERS, keep=1)
+                                 lr=LR[stage], batch_size=16, seed=seed, train_vision=stage < 3, moe_layers=MOE_LAYERS, keep=1,
+                                 image_mode="pad")
         stages[stage] = trainer.train(args, log=log)
         src = dst
     install(src, model_dir)

@@ -214,3 +214,21 @@ def _backward(ctx, dy):
 
 
 _grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- whole samples, hard top-1
+
+
+def dispatch_samples(experts, chosen, inputs, *args):
+    """Each sample through its one chosen expert module only: expert e runs once, on the samples
+    that chose it (inputs: a list of [B, ...] tensors, sliced alike), and the results go back in
+    sample order. Experts nobody chose cost nothing (MedMoE's image-level routing; the authors'
+    code runs every expert on every image and mixes them by the router's softmax)."""
+    out = None
+    for e, expert in enumerate(experts):
+        rows = (chosen == e).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        y = expert([x[rows] for x in inputs], *args)
+        out = (y.new_zeros((len(chosen), *y.shape[1:])) if out is None else out).index_copy(0, rows, y)
+    return out

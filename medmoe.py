@@ -521,6 +521,10 @@ class MedMoE(nn.Module):
         self.projector = make_projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size) if cfg.vision else None
         self.llm = LLM(cfg.llm, cfg.moe)
 
+    def blocks(self):
+        """The repeated blocks: what the trainer compiles (and shards) one by one."""
+        return self.llm.layers
+
     def upcycle(self, moe: MoEConfig):
         """Stage 3: the dense model becomes a Med-MoE (see LLM.upcycle); the config records it."""
         self.cfg.moe = moe
@@ -773,7 +777,7 @@ def read_weights(directory):
 def expected_tensors(model):
     """name -> shape of what a checkpoint must hold (a tied lm_head is stored once)."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.cfg.llm.tie_embeddings:
+    if isinstance(model, MedMoE) and model.cfg.llm.tie_embeddings:
         shapes.pop("llm.lm_head.weight")
     return shapes
 

@@ -13,6 +13,7 @@ Checkpoints hold model, optimizer, schedule, RNG and data position: --resume con
 very same trajectory.
 """
 
+import functools
 import json
 import math
 import os
@@ -32,12 +33,12 @@ import medmoe
 import plots
 from medmoe import MedMoEError
 
-STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 2e-5}
+STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 2e-5, "contrastive": 5e-5}  # contrastive: MedMoE's Adam lr (SPEC B)
 
 
 @dataclass
 class TrainArgs:
-    stage: int
+    stage: int | str  # 1, 2, 3 or "contrastive" (MedMoE)
     model: str  # checkpoint to start from: converted (stage 1), stage-1 output (2), stage-2 output (3)
     data: list
     out: str
@@ -58,6 +59,7 @@ class TrainArgs:
     template: str | None = None  # default: plain (stage 1), else the model's
     image_mode: str | None = None  # default: crop (stage 1), pad (stages 2-3)
     train_vision: bool = False  # for towers trained from scratch (the demo); frozen in the paper
+    train_text: bool = False  # contrastive: also train the text encoder (one trained from scratch); frozen in the paper
     save_every: int = 0  # steps; 0: only at the end (and on interrupt)
     eval_every: int = 0
     keep: int = 2  # checkpoints kept
@@ -191,16 +193,18 @@ def set_trainable(model, a: TrainArgs):
 
 
 def wrap(model, a: TrainArgs, d: Dist):
-    model.llm.checkpointing = a.grad_checkpointing
+    for m in model.modules():  # Med-MoE's LLM recomputes its blocks in backward when asked
+        if hasattr(m, "checkpointing"):
+            m.checkpointing = a.grad_checkpointing
     if a.compile:  # per block: one graph per block shape, reused across layers
-        for block in model.llm.layers:
+        for block in model.blocks():
             block.compile(dynamic=True)
     if d.world == 1:
         return model
     if a.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.llm.layers:
+        for block in model.blocks():
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
@@ -435,6 +439,136 @@ class Log:
             plots.line_plot(self.png, series, title, "optimizer step", "cross-entropy")
 
 
+# ----------------------------------------------------------------------------- what a stage trains on
+
+
+class VQAStage:
+    """Stages 1-3: (image, conversation) records; a step's loss is the mean over its answer tokens.
+    The trainer's loop asks a stage for its model, data and the loss of a micro-batch; the MedMoE
+    contrastive stage (contrastive.ContrastiveStage) answers the same questions."""
+
+    def __init__(self, a: TrainArgs, source, fresh, say):
+        self.a = a
+        self.model = model = build_model(a, source, fresh)
+        if model.vision is None:
+            raise MedMoEError(f"{a.model}: the model has no vision tower")
+        self.tokenizer_json = os.path.join(a.model, "tokenizer.json")
+        tok = data.load_tokenizer(a.model)
+        template = a.template or ("plain" if a.stage == 1 else model.cfg.template)
+        image_mode = a.image_mode or ("crop" if a.stage == 1 else "pad")
+        self.patches, self.max_len = model.cfg.vision.num_patches, model.cfg.llm.max_seq_len
+
+        def dataset(paths):
+            examples = [ex for p in paths for ex in data.load_examples(p, a.images)]
+            return data.VQADataset(examples, tok, template, model.cfg.vision, image_mode, self.max_len)
+
+        self.train_set = dataset(a.data)
+        self.val_set = dataset([a.val_data]) if a.val_data else None
+        if len(self.train_set) == 0:
+            raise MedMoEError("no training records")
+        unsupervised = sum(self.units_of([ids], [labels]) == 0 for ids, labels in self.train_set.encoded)
+        if unsupervised == len(self.train_set):
+            raise MedMoEError(f"no record has an answer within the context length ({self.max_len} tokens): nothing to train on")
+        if unsupervised:
+            say(f"warning: {unsupervised} of {len(self.train_set)} records have no answer token within the context length ({self.max_len})")
+
+    collate = staticmethod(data.collate)
+
+    def trainable(self):
+        return set_trainable(self.model, self.a)
+
+    def units_of(self, input_ids, labels):
+        return data.count_targets(input_ids, labels, self.patches, self.max_len)
+
+    def units(self, b):
+        """What the loss averages over: every answer token of the step, on every process, weighs the same."""
+        return self.units_of(b.input_ids, b.labels)
+
+    def inputs(self, b):
+        """Input tokens (image features included): the throughput unit."""
+        return sum(self.train_set.lengths[i] for i in b.index)
+
+    def loss(self, run, b, units):
+        """The micro-batch's summed loss divided by the step's `units`."""
+        return run(b.input_ids, b.pixels, b.labels, units)[1]
+
+    def val_loss(self, run, d):
+        return evaluate(run, self.val_set, self.a, d, self.patches, self.max_len)
+
+    def finish(self, run, d, say):
+        """After stage 2: the router, fitted as a modality classifier."""
+        if self.a.stage != 2:
+            return {}
+        self.model.eval()
+        fitted = train_router(self.model, run, self.train_set, self.a, d, say)
+        if not fitted:
+            return {}
+        router, modalities, report = fitted
+        if d.main:
+            save_router(router, modalities, os.path.join(self.a.out, "router.safetensors"))
+        say(f"router (modality classifier over {', '.join(modalities)}): held-out record accuracy "
+            f"{report.get('record_acc', float('nan')):.1%} on {report.get('held_out_records', 0)} records, "
+            f"token accuracy {report.get('token_acc', float('nan')):.1%}")
+        return {"router": report}
+
+
+class ContrastiveStage:
+    """MedMoE's contrastive training (SPEC B): (image, caption) pairs, each image once per epoch;
+    a step's loss is the mean over its images of GLoRIA's loss plus the router's cross-entropy.
+    Trains the Swin backbone, experts and router; the text encoder only with --train-text (the
+    paper freezes its pretrained Bio_ClinicalBERT; one trained from scratch must learn)."""
+
+    def __init__(self, a: TrainArgs, source, fresh, say):
+        import contrastive
+
+        self.a = a
+        self.model = model = contrastive.load_model(source, dtype=torch.float32)
+        self.tokenizer_json = os.path.join(a.model, "tokenizer.json")
+        tok = contrastive.load_wordpiece(a.model, model.cfg.text.max_tokens)
+        encode = functools.partial(contrastive.encode_captions, tok)
+
+        def dataset(paths):
+            examples = [ex for p in paths for ex in data.load_examples(p, a.images)]
+            return data.CaptionDataset(examples, encode, model.cfg.swin, model.cfg.modalities, a.image_mode or "pad", a.seed)
+
+        self.train_set = dataset(a.data)
+        self.val_set = dataset([a.val_data]) if a.val_data else None
+        if len(self.train_set) < 2:
+            raise MedMoEError(f"contrastive training needs at least 2 distinct images (found {len(self.train_set)})")
+        if all(m < 0 for m in self.train_set.modality):
+            say(f"warning: no image has a modality label among {', '.join(model.cfg.modalities)}: the router will not learn")
+
+    def collate(self, items):
+        return self.train_set.collate(items)
+
+    def trainable(self):
+        self.model.requires_grad_(True)
+        self.model.text.requires_grad_(self.a.train_text)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def units(self, b):
+        return len(b.index)
+
+    inputs = units  # throughput is counted in images
+
+    def loss(self, run, b, units):
+        return run(b.pixels, b.ids, b.mask, b.pieces, b.modality) * (len(b.index) / units)
+
+    @torch.no_grad()
+    def val_loss(self, run, d):
+        total, count = 0.0, 0
+        n, size = len(self.val_set), self.a.batch_size
+        for start in range(0, n, size):
+            b = self.val_set.collate([self.val_set[i] for i in range(start, min(start + size, n))][d.rank :: d.world])
+            if len(b.index) > 1:
+                total, count = total + float(run(b.pixels, b.ids, b.mask, b.pieces, b.modality)) * len(b.index), count + len(b.index)
+        total, count = d.sum(total, count)
+        return total / max(count, 1)
+
+    def finish(self, run, d, say):
+        return {}
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -462,8 +596,8 @@ class StopRequest:
 
 def train(a: TrainArgs, log=print):
     """Run one stage. Returns a summary dict (steps, losses, router report, paths)."""
-    if a.stage not in (1, 2, 3):
-        raise MedMoEError(f"unknown stage {a.stage!r} (1, 2 or 3)")
+    if a.stage not in STAGE_LR:
+        raise MedMoEError(f"unknown stage {a.stage!r} (1, 2, 3 or contrastive)")
     d = setup_dist()
     say = log if d.main and not a.quiet else (lambda *m: None)
     torch.manual_seed(a.seed)
@@ -472,31 +606,9 @@ def train(a: TrainArgs, log=print):
     resume_from = latest_checkpoint(a.out) if a.resume else None
     if a.resume and resume_from is None:
         say(f"no checkpoint in {a.out}/checkpoints: starting from {a.model}")
-    model = build_model(a, resume_from or a.model, fresh=resume_from is None)
-    if model.vision is None:
-        raise MedMoEError(f"{a.model}: the model has no vision tower")
-    tok_json = os.path.join(a.model, "tokenizer.json")
-    tok = data.load_tokenizer(a.model)
-    template = a.template or ("plain" if a.stage == 1 else model.cfg.template)
-    image_mode = a.image_mode or ("crop" if a.stage == 1 else "pad")
-    max_len = model.cfg.llm.max_seq_len
-
-    def dataset(paths):
-        examples = [ex for p in paths for ex in data.load_examples(p, a.images)]
-        return data.VQADataset(examples, tok, template, model.cfg.vision, image_mode, max_len)
-
-    train_set = dataset(a.data)
-    val_set = dataset([a.val_data]) if a.val_data else None
-    if len(train_set) == 0:
-        raise MedMoEError("no training records")
-    patches = model.cfg.vision.num_patches
-    unsupervised = sum(data.count_targets([ids], [labels], patches, max_len) == 0 for ids, labels in train_set.encoded)
-    if unsupervised == len(train_set):
-        raise MedMoEError(f"no record has an answer within the context length ({max_len} tokens): nothing to train on")
-    if unsupervised:
-        say(f"warning: {unsupervised} of {len(train_set)} records have no answer token within the context length ({max_len})")
-
-    set_trainable(model, a)
+    task = (ContrastiveStage if a.stage == "contrastive" else VQAStage)(a, resume_from or a.model, resume_from is None, say)
+    model, train_set, val_set, tok_json = task.model, task.train_set, task.val_set, task.tokenizer_json
+    task.trainable()
     model.to(d.device).train()
     wrapped = wrap(model, a, d)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in sharded parameters
@@ -519,10 +631,10 @@ def train(a: TrainArgs, log=print):
         say(f"resuming from {resume_from} (step {state['step']})")
     logbook = Log(a.out, d.main, state["step"] if resume_from else None)
 
-    def run(input_ids, pixels, labels=None, num_tokens=None):
-        pixels = pixels.to(d.device) if pixels is not None else None
+    def run(*inputs):
+        inputs = [x.to(d.device) if isinstance(x, torch.Tensor) else x for x in inputs]
         with autocast(a, d.device):
-            return wrapped(input_ids, pixels, labels, num_tokens)
+            return wrapped(*inputs)
 
     def train_step(micro):
         """One optimizer step over this process's micro-batches; returns (mean loss, grad norm, input tokens)."""
@@ -532,16 +644,14 @@ def train(a: TrainArgs, log=print):
                     state["skipped"][s.path] = s.reason
                     if d.main:
                         tqdm.write(f"warning: skipped {s.reason}")
-        # every answer token of the step, on every process, weighs the same
-        local = sum(data.count_targets(b.input_ids, b.labels, patches, max_len) for b in micro)
-        n_tokens, n_inputs = d.sum(local, sum(train_set.lengths[i] for b in micro for i in b.index))
+        n_units, n_inputs = d.sum(sum(task.units(b) for b in micro), sum(task.inputs(b) for b in micro))
         loss_sum = torch.zeros((), device=d.device)  # summed on the device: no host sync per micro-batch
         for k, b in enumerate(micro):
             if not b.index:
                 continue
             sync = k == len(micro) - 1 or not hasattr(wrapped, "no_sync")  # DDP: all-reduce gradients once per step
             with nullcontext() if sync else wrapped.no_sync():
-                _, loss = run(b.input_ids, b.pixels, b.labels, num_tokens=max(n_tokens, 1) / d.world)
+                loss = task.loss(run, b, max(n_units, 1) / d.world)
                 loss.backward()
             loss_sum += loss.detach()
         (loss_sum,) = d.sum(float(loss_sum) / d.world)
@@ -566,7 +676,9 @@ def train(a: TrainArgs, log=print):
                 if not batches:  # the epoch ended exactly at the last checkpoint
                     state["epoch"], state["micro"] = state["epoch"] + 1, 0
                     continue
-                loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=data.collate, num_workers=a.workers)
+                if hasattr(train_set, "set_epoch"):  # e.g. a caption per image that changes every epoch
+                    train_set.set_epoch(state["epoch"])
+                loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=task.collate, num_workers=a.workers)
                 for micro in chunks(loader, a.grad_accum):
                     loss, grad_norm, n_inputs = train_step(micro)
                     state["step"] += 1
@@ -581,7 +693,7 @@ def train(a: TrainArgs, log=print):
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:,.0f}")
                     bar.update(1)
                     if val_set and a.eval_every and state["step"] % a.eval_every == 0:
-                        logbook.write(step=state["step"], val_loss=evaluate(run, val_set, a, d, patches, max_len))
+                        logbook.write(step=state["step"], val_loss=task.val_loss(run, d))
                     stop_now = d.sum(1.0 if stop.signal else 0.0)[0] > 0
                     if (a.save_every and state["step"] % a.save_every == 0) or stop_now:
                         last_ckpt = save_training_checkpoint(a.out, state["step"], model, wrapped, opt, sched, state, tok_json, d, a.keep)
@@ -598,22 +710,12 @@ def train(a: TrainArgs, log=print):
     finally:
         bar.close()
     if val_set:
-        summary["val_loss"] = evaluate(run, val_set, a, d, patches, max_len)
+        summary["val_loss"] = task.val_loss(run, d)
         logbook.write(step=state["step"], val_loss=summary["val_loss"])
     if state["skipped"]:
         say(f"skipped {len(state['skipped'])} unreadable image file(s) (listed above)")
     summary.update(skipped=len(state["skipped"]), losses=[r["loss"] for r in logbook.rows if "loss" in r])
-    if a.stage == 2:
-        model.eval()
-        fitted = train_router(model, run, train_set, a, d, say)
-        if fitted:
-            router, modalities, report = fitted
-            if d.main:
-                save_router(router, modalities, os.path.join(a.out, "router.safetensors"))
-            summary["router"] = report
-            say(f"router (modality classifier over {', '.join(modalities)}): held-out record accuracy "
-                f"{report.get('record_acc', float('nan')):.1%} on {report.get('held_out_records', 0)} records, "
-                f"token accuracy {report.get('token_acc', float('nan')):.1%}")
+    summary.update(task.finish(run, d, say))
     final = save_training_checkpoint(a.out, state["step"], model, wrapped, opt, sched, state, tok_json, d, a.keep)
     if d.main:  # the finished model at the top of OUT, where `medmoe ask --model OUT` finds it
         for name in ("config.json", "model.safetensors", "tokenizer.json"):

@@ -111,7 +111,7 @@ def test_records_and_images_load(built):
         assert examples and all(e.modality in demo.MODALITIES and e.answer_type in ("OPEN", "CLOSED") for e in examples)
         for path in sorted({e.image for e in examples}):
             img = data.load_image(path)
-            assert img.mode == "RGB" and img.size == (64, 64)
+            assert img.mode == "RGB" and max(img.size) == 64  # long side to 64, shape kept: the model pads it square
 
 
 def test_deterministic_for_a_seed(built, tmp_path):
@@ -127,7 +127,7 @@ def test_deterministic_for_a_seed(built, tmp_path):
     assert other["images"] == again["images"]  # the same counts, other crops
     with open(os.path.join(out, "train.jsonl")) as a, open(tmp_path / "other" / "train.jsonl") as b:
         assert a.read() != b.read()
-    assert Image.open(tmp_path / "other" / "images" / "test-0000.png").size == (32, 32)
+    assert max(Image.open(tmp_path / "other" / "images" / "test-0000.png").size) == 32
 
 
 def test_missing_package_names_the_extra(monkeypatch, tmp_path):
@@ -203,7 +203,7 @@ def test_source_folder(tmp_path):
     assert Counter(r["image"] for r in recs["train"] if r["source"] == "path/images/p1.png").total() == 2
     for split in ("train", "test"):
         for e in data.load_examples(str(out / f"{split}.jsonl")):
-            assert data.load_image(e.image).size == (32, 32)
+            assert max(data.load_image(e.image).size) == 32
     again = tmp_path / "again"
     demo.assemble(str(again), source=str(tmp_path / "src"), size=32, seed=0)
     assert (out / "test.jsonl").read_text() == (again / "test.jsonl").read_text()

@@ -1,0 +1,901 @@
+"""MedMoE (Chopra et al. 2025, arXiv 2506.08356) in one file: a contrastive image-text model whose
+image side routes a Swin feature pyramid through modality-specialised expert branches.
+
+Read top to bottom, it follows the data through the paper's Figure 2:
+  pixels -> Swin backbone (Liu et al. 2021): patch embedding -> 4 stages of window attention
+  (W-MSA and shifted SW-MSA alternating), patch merging between them -> hidden states 0..3 are
+  the pyramid (56x56x96, 28x28x192, 14x14x384, 7x7x768 for Swin-T at 224 px)
+  -> router (an MLP on the pooled final features, image only) picks ONE modality expert
+  -> that expert fuses the pyramid into local features on the finest grid; their mean is the
+  global image embedding
+  caption -> BERT (Bio_ClinicalBERT) -> word pieces summed into words (last 4 layers summed)
+  -> GLoRIA's local (word-to-region) and global losses + the router's modality cross-entropy.
+The last part loads weights: our checkpoints, and Hugging Face SwinModel / BertModel ones.
+Swin and BERT match transformers number for number (tests/test_swin_parity.py, test_bert_parity.py).
+
+Reference code read for the semantics (facts only): GLoRIA, github.com/marshuang80/gloria, and
+the MedMoE authors' release, github.com/shivangchopra11/MedMoE (src/models/components/swin.py,
+text_encoder.py, src/losses.py, configs/model/med-moe*.yaml).
+"""
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import kernels
+import medmoe
+from medmoe import HF_ACTS, Attention, FeedForward, MedMoEError, read_json, read_weights, rename
+
+KIND = "medmoe-contrastive"  # config.json's marker: a MedMoE (Swin + experts + BERT) checkpoint
+# GLoRIA's temperatures (the spec: "temperatures 4, 5, 10"; global cosine similarity x 10)
+TEMP1 = 4.0  # sharpens the word-to-region attention
+TEMP2 = 5.0  # scales each word's similarity to its attended image context
+TEMP3 = 10.0  # logit scale of both the local and the global InfoNCE
+# total = 0.5 local + 0.5 global (+ 2.0 aux, added by the model); local and global are each the sum of
+# both directions, as GLoRIA's calc_loss and MedMoE's configs/model/med-moe_pretraining.yaml weigh them
+LOCAL_WEIGHT = 0.5
+GLOBAL_WEIGHT = 0.5
+AUX_WEIGHT = 2.0
+# zero-shot classification: each class is the mean of these prompts' embeddings (a prompt ensemble)
+PROMPTS = ("{}", "a {} image", "an image from a {}", "a {} of the body")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class SwinConfig:
+    """Defaults are Swin-T (microsoft/swin-tiny-patch4-window7-224) at 224 px."""
+
+    image_size: int = 224  # what the preprocessing resizes to; the model itself takes any size
+    patch_size: int = 4
+    in_channels: int = 3
+    embed_dim: int = 96  # channels of stage 1; each patch merging doubles them
+    depths: tuple = (2, 2, 6, 2)
+    num_heads: tuple = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    act: str = "gelu"
+    norm_eps: float = 1e-5  # blocks and the final norm (HF's layer_norm_eps; its other norms keep 1e-5)
+    mean: tuple = (0.485, 0.456, 0.406)  # ImageNet
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)  # JSON gives lists
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    @property
+    def num_features(self):
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+
+
+@dataclass
+class TextConfig:
+    """BERT-base as Bio_ClinicalBERT ships it (cased BioBERT vocabulary of 28996 word pieces)."""
+
+    vocab_size: int = 28996
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    act: str = "gelu"  # BERT's exact (erf) GELU
+    max_tokens: int = 25  # captions are truncated to 25 word pieces, [CLS] and [SEP] included (spec)
+    last_layers: int = 4  # word features = sum of the last 4 hidden states (GLoRIA last_n_layers, 'sum')
+
+
+
+@dataclass
+class ContrastiveConfig:
+    """MedMoE: a Swin backbone, one expert branch per modality and a router, against a BERT text encoder."""
+
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    modalities: tuple = ("xray", "ct", "mri", "ultrasound", "pathology", "fundus")  # one expert each (the authors' code: 6)
+    levels: int = 4  # the pyramid: Swin hidden states 0..3
+    router_hidden: int = 128
+    regions: int = 16  # side of the region grid the local loss attends over (see ContrastiveMedMoE.regions)
+    kind: str = KIND
+
+    def __post_init__(self):
+        self.modalities = tuple(self.modalities)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        return cls(swin=SwinConfig(**d.pop("swin")), text=TextConfig(**d.pop("text")), **d)
+
+
+# ----------------------------------------------------------------------------- Swin backbone
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch_size x patch_size patches -> embed_dim tokens, then LayerNorm."""
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+        self.norm = nn.LayerNorm(cfg.embed_dim)  # HF leaves this one at the default eps
+
+    def forward(self, pixels):
+        """[B, 3, H, W] -> ([B, h*w, C], (h, w)). A side that is not a multiple of the patch is
+        zero-padded at the bottom/right, so a partial patch still makes a token (as HF does)."""
+        H, W = pixels.shape[-2:]
+        pixels = F.pad(pixels, (0, -W % self.patch_size, 0, -H % self.patch_size))
+        x = self.proj(pixels)
+        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
+
+
+def window_partition(x, window):
+    """[B, H, W, C] -> [B * windows, window * window, C]; windows in row-major order, batch-major."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C).transpose(2, 3)
+    return x.reshape(-1, window * window, C)
+
+
+def window_reverse(windows, window, H, W):
+    """Inverse of window_partition: [B * windows, window * window, C] -> [B, H, W, C]."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C).transpose(2, 3)
+    return x.reshape(-1, H, W, C)
+
+
+def relative_position_index(window, device=None):
+    """[w, w, w, w] long: entry (i, j, k, l) is the row of the bias table holding the offset
+    (i - k, j - l) from key (k, l) to query (i, j); offsets run over [-(w-1), w-1] on each axis,
+    so the table has (2w - 1)^2 rows (paper Sec. 3.2)."""
+    r = torch.arange(window, device=device)
+    dh = r[:, None, None, None] - r[None, None, :, None]
+    dw = r[None, :, None, None] - r[None, None, None, :]
+    return (dh + window - 1) * (2 * window - 1) + (dw + window - 1)
+
+
+class RelativePositionBias(nn.Module):
+    """B in softmax(QK^T / sqrt(d) + B): one learned scalar per head and relative offset."""
+
+    def __init__(self, num_heads, window):
+        super().__init__()
+        self.window = window
+        self.table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.reset_buffers()
+
+    def reset_buffers(self, device=None):
+        # a function of the window alone: built, never stored in a checkpoint
+        self.register_buffer("index", relative_position_index(self.window, device), persistent=False)
+
+    def forward(self, window):
+        """[heads, N, N] for a window x window window (N = window^2). A window clamped below the
+        configured one (a stage smaller than the window) sees only the smaller offsets, and reads
+        them from the same table; HF cannot run that case (its bias keeps the configured size)."""
+        N = window * window
+        index = self.index[:window, :window, :window, :window].reshape(N, N)
+        return self.table[index].permute(2, 0, 1)
+
+
+def shift_mask(H, W, window, shift, dtype, device=None):
+    """[windows, N, N] additive mask for shifted-window attention (paper Sec. 3.2, Fig. 4).
+    After the cyclic shift, a window at the bottom/right edge holds tokens from up to 3x3
+    regions that are not neighbours in the image; each token attends only within its region.
+    -100 rather than -inf, as in the paper's code and HF: exp(-100) is 0 in fp32 anyway."""
+
+    def regions(n):  # 0: [0, n - window), 1: [n - window, n - shift), 2: [n - shift, n)
+        i = torch.arange(n, device=device)
+        return (i >= n - window).long() + (i >= n - shift).long()
+
+    label = regions(H)[:, None] * 3 + regions(W)[None, :]
+    label = window_partition(label[None, :, :, None], window).squeeze(-1)  # [windows, N]
+    same = label[:, :, None] == label[:, None, :]
+    return torch.where(same, 0.0, -100.0).to(dtype)
+
+
+class SwinBlock(nn.Module):
+    """x + (S)W-MSA(LN(x)), then x + MLP(LN(x)) (paper Eq. 3)."""
+
+    def __init__(self, cfg: SwinConfig, dim, num_heads):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, num_heads, num_heads, dim // num_heads, cfg.qkv_bias, True)
+        self.position_bias = RelativePositionBias(num_heads, cfg.window_size)
+        self.ffn_norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.ffn = FeedForward(dim, int(cfg.mlp_ratio * dim), cfg.act, gated=False, bias=True)
+
+    def forward(self, x, size, window, shift, mask):
+        """x [B, H*W, C] on an H x W grid; mask: shift_mask for this shift, or None when 0."""
+        (H, W), (B, _, C) = size, x.shape
+        h = self.attn_norm(x).view(B, H, W, C)
+        # pad to whole windows: the zero tokens are attended to (not masked), as in HF and the paper's code
+        h = F.pad(h, (0, 0, 0, -W % window, 0, -H % window))
+        Hp, Wp = h.shape[1:3]
+        h = torch.roll(h, (-shift, -shift), (1, 2))  # cyclic shift toward the top-left (Fig. 4)
+        bias = self.position_bias(window)
+        if mask is not None:  # windows are batch-major: repeat the per-window mask for each image
+            bias = (bias + mask[:, None]).repeat(B, 1, 1, 1)
+        h = self.attn(window_partition(h, window), mask=bias)
+        h = torch.roll(window_reverse(h, window, Hp, Wp), (shift, shift), (1, 2))
+        x = x + h[:, :H, :W].reshape(B, H * W, C)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbouring tokens -> one: concatenate (4C), LayerNorm, linear to 2C (paper Sec. 3.1)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)  # HF leaves this one at the default eps
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x, size):
+        (H, W), (B, _, C) = size, x.shape
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))  # odd side: a zero row/column
+        # the order of the paper's code and HF: top-left, bottom-left, top-right, bottom-right
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.reshape(B, -1, 4 * C))), ((H + 1) // 2, (W + 1) // 2)
+
+
+class Stage(nn.Module):
+    """depth blocks alternating W-MSA and SW-MSA, then a patch merging (all stages but the last)."""
+
+    def __init__(self, cfg: SwinConfig, i):
+        super().__init__()
+        dim = cfg.embed_dim * 2**i
+        self.window_size = cfg.window_size
+        self.blocks = nn.ModuleList(SwinBlock(cfg, dim, cfg.num_heads[i]) for _ in range(cfg.depths[i]))
+        self.merge = PatchMerging(dim) if i < len(cfg.depths) - 1 else None
+
+    def forward(self, x, size):
+        H, W = size
+        # HF's set_shift_and_window_size: when the shorter side fits in one window (Swin-T's 7x7
+        # last stage), the window shrinks to that side and nothing is shifted
+        fits = min(H, W) <= self.window_size
+        window = min(H, W) if fits else self.window_size
+        shift = 0 if fits else self.window_size // 2
+        mask = shift_mask(H + (-H % window), W + (-W % window), window, shift, x.dtype, x.device) if shift else None
+        for i, block in enumerate(self.blocks):
+            odd = i % 2 == 1  # the odd blocks are the shifted ones (Fig. 3b)
+            x = block(x, size, window, shift if odd else 0, mask if odd else None)
+        return self.merge(x, size) if self.merge is not None else (x, size)
+
+
+class SwinOutput(NamedTuple):
+    hidden_states: list  # [B, h*w, C] each: the patch embedding, then every stage's output (after its merging)
+    last_hidden_state: torch.Tensor  # [B, h*w, num_features]: last stage's output, after the final LayerNorm
+    pooled: torch.Tensor  # [B, num_features]: average of last_hidden_state over tokens (HF's pooler_output)
+    sizes: list  # (h, w) of each hidden state, to view it as a [B, h, w, C] map
+
+
+class Swin(nn.Module):
+    """The backbone: hidden_states and outputs as HF's SwinModel(output_hidden_states=True)."""
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.stages = nn.ModuleList(Stage(cfg, i) for i in range(len(cfg.depths)))
+        self.norm = nn.LayerNorm(cfg.num_features, eps=cfg.norm_eps)
+
+    def forward(self, pixels):
+        """pixels: [B, 3, H, W] normalised with cfg.mean/std; any H, W (padded as needed)."""
+        x, size = self.patch_embed(pixels.to(self.patch_embed.proj.weight.dtype))
+        hidden_states, sizes = [x], [size]
+        for stage in self.stages:
+            x, size = stage(x, size)
+            hidden_states.append(x)
+            sizes.append(size)
+        x = self.norm(x)
+        return SwinOutput(hidden_states, x, x.mean(dim=1), sizes)
+
+
+# ----------------------------------------------------------------------------- modality experts and router
+
+
+class Expert(nn.Module):
+    """One modality's branch over the Swin pyramid (SPEC B): per scale a 1x1 projection to `width`
+    + ReLU, every scale upsampled to the finest grid, a per-token scale-attention MLP
+    (width -> width/2 -> 1) with a softmax over the scales, and the weighted sum of the scales.
+    (The authors' code upsamples the flattened token sequence with 1-D linear interpolation, which
+    mixes the end of one row with the start of the next; here each scale is upsampled as the 2-D
+    map it is.)"""
+
+    def __init__(self, channels, width):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(c, width) for c in channels)  # a 1x1 convolution on tokens
+        self.scale_attn = nn.Sequential(nn.Linear(width, width // 2), nn.ReLU(), nn.Linear(width // 2, 1))
+
+    def forward(self, pyramid, sizes):
+        """pyramid: [B, h_s * w_s, C_s] per scale -> local features [B, H * W, width] on the finest grid (H, W)."""
+        H, W = sizes[0]
+        scales = []
+        for x, (h, w), proj in zip(pyramid, sizes, self.proj):
+            x = F.relu(proj(x)).transpose(1, 2).unflatten(2, (h, w))  # [B, width, h, w]
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False) if (h, w) != (H, W) else x
+            scales.append(x.flatten(2).transpose(1, 2))
+        scales = torch.stack(scales, dim=2)  # [B, H*W, S, width]
+        weights = self.scale_attn(scales).softmax(dim=2)  # each token chooses its own mix of scales
+        return (weights * scales).sum(dim=2)
+
+
+class Router(nn.Module):
+    """Image-only modality classifier on the pooled final Swin features: MLP 768 -> 128 -> K
+    (SPEC B). No label or text is needed at inference; trained only by the auxiliary cross-entropy."""
+
+    def __init__(self, dim, hidden, num_experts):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, num_experts)
+
+    def forward(self, pooled):
+        return self.fc2(F.relu(self.fc1(pooled)))
+
+
+# ----------------------------------------------------------------------------- BERT text encoder
+
+
+class TextBlock(nn.Module):
+    """Post-LN transformer layer (BERT): normalise after each residual sum, not before."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.attn = Attention(d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, True, True)
+        self.attn_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.ffn = FeedForward(d, cfg.intermediate_size, cfg.act, gated=False, bias=True)
+        self.ffn_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+
+    def forward(self, x, mask):
+        x = self.attn_norm(x + self.attn(x, mask=mask))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class TextEncoder(nn.Module):
+    """BERT encoder (no pooler: GLoRIA reads hidden states only) plus GLoRIA's word/sentence readout.
+    No dropout: the spec freezes the text encoder, so it only ever runs as in evaluation."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.tok_embed = nn.Embedding(cfg.vocab_size, d)
+        self.pos_embed = nn.Embedding(cfg.max_positions, d)
+        self.type_embed = nn.Embedding(cfg.type_vocab_size, d)
+        self.embed_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.num_layers))
+
+    def hidden_states(self, ids, attention_mask=None, token_type_ids=None):
+        """num_layers + 1 tensors [B, T, D]: the embeddings, then each layer's output (HF's hidden_states)."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
+        x = self.embed_norm(self.tok_embed(ids) + self.pos_embed(positions) + self.type_embed(types))
+        # padding keys are masked out (True = attend); padding queries still compute, and are ignored later
+        mask = "full" if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        states = [x]
+        for layer in self.layers:
+            x = layer(x, mask)
+            states.append(x)
+        return states
+
+    def forward(self, ids, attention_mask, pieces):
+        """ids, attention_mask, pieces: [B, T] from `encode_captions` (pieces: True at '##' word pieces).
+        Returns words [B, T, D] (word w of caption b at [b, w], zeros past its last word), word_mask [B, T]
+        (the words GLoRIA's local loss uses) and sentence [B, D]."""
+        h = sum(self.hidden_states(ids, attention_mask)[-self.cfg.last_layers:])
+        # GLoRIA sums the layers after aggregating words; both are sums, so the order does not matter
+        words, num_words = aggregate_words(h, attention_mask.bool(), pieces)
+        # GLoRIA's cap_lens (#words not starting with '[' + 1) keep [CLS] and the words, not [SEP]: slots
+        # 0 .. num_words - 2. (GLoRIA also leaves out words such as '[UNK]' from that count, and then
+        # cuts the caption's *last* word instead; we drop only [SEP], the intent of its code.)
+        word_mask = torch.arange(h.shape[1], device=h.device) < (num_words - 1)[:, None]
+        # Spec: "sentence = mean over words", [CLS] and [SEP] included as in GLoRIA. GLoRIA divides by the
+        # padded length instead of the word count: a per-caption scale that the cosine of the global loss ignores.
+        sentence = words.sum(1) / num_words[:, None].to(h.dtype)
+        return words, word_mask, sentence
+
+
+def aggregate_words(h, valid, pieces):
+    """GLoRIA's aggregate_tokens, vectorised: a '##' piece is added to the word before it, any other
+    token ([CLS] and [SEP] included) starts a word; tokens past [SEP] (padding) are dropped.
+    h [B, T, D], valid and pieces [B, T] bool -> (words [B, T, D], num_words [B])."""
+    starts = valid & ~pieces
+    word = (starts.cumsum(1) - 1).clamp(min=0)  # index of the word each token belongs to
+    h = h.masked_fill(~valid[..., None], 0)
+    words = h.new_zeros(h.shape).scatter_add(1, word[..., None].expand_as(h), h)
+    return words, starts.sum(1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class ImageFeatures(NamedTuple):
+    local: torch.Tensor  # [B, H*W, D]: the chosen expert's fused pyramid on the finest grid
+    grid: tuple  # (H, W)
+    embedding: torch.Tensor  # [B, D]: the mean of the local features (SPEC B: "global = their mean")
+    router_logits: torch.Tensor  # [B, K]
+    expert: torch.Tensor  # [B]: the expert each image went through
+
+
+class ContrastiveMedMoE(nn.Module):
+    """MedMoE's Figure 2: Swin pyramid -> router picks one modality expert per image -> local and
+    global image features, contrasted with BERT's word and sentence features (GLoRIA)."""
+
+    def __init__(self, cfg: ContrastiveConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.swin = Swin(cfg.swin)
+        channels = [cfg.swin.embed_dim * 2**i for i in range(cfg.levels)]  # hidden state i has embed_dim * 2^i channels
+        self.router = Router(cfg.swin.num_features, cfg.router_hidden, len(cfg.modalities))
+        self.experts = nn.ModuleList(Expert(channels, cfg.text.hidden_size) for _ in cfg.modalities)
+        self.text = TextEncoder(cfg.text)
+
+    def blocks(self):
+        """The repeated blocks: what the trainer compiles (and shards) one by one."""
+        return [block for stage in self.swin.stages for block in stage.blocks] + list(self.text.layers)
+
+    def encode_image(self, pixels, expert=None):
+        """expert: [B] modality index per image to use instead of the router's choice (training on
+        labelled images; -1 where unlabelled). Only the chosen expert runs on each image."""
+        out = self.swin(pixels)
+        logits = self.router(out.pooled)
+        chosen = logits.argmax(-1)  # hard top-1
+        if expert is not None:
+            chosen = torch.where(expert >= 0, expert, chosen)
+        levels = self.cfg.levels
+        local = kernels.dispatch_samples(self.experts, chosen, out.hidden_states[:levels], out.sizes[:levels])
+        return ImageFeatures(local, out.sizes[0], local.mean(1), logits, chosen)
+
+    def regions(self, img: ImageFeatures):
+        """The local loss attends over `cfg.regions`^2 average-pooled regions, not every finest-grid
+        token: the authors pool to 256 (16 x 16); the loss's memory grows with the region count."""
+        x = img.local.transpose(1, 2).unflatten(2, img.grid)
+        return F.adaptive_avg_pool2d(x, min(self.cfg.regions, *img.grid)).flatten(2).transpose(1, 2)
+
+    def forward(self, pixels, ids, attention_mask, pieces, modality):
+        """The training loss: GLoRIA's 0.5 local + 0.5 global, plus 2.0 x the router's cross-entropy
+        on the modality labels (modality [B], -1 where unlabelled)."""
+        img = self.encode_image(pixels, modality)
+        words, word_mask, sentence = self.text(ids, attention_mask, pieces)
+        loss = gloria_loss(self.regions(img), img.embedding, words, word_mask, sentence)
+        if bool((modality >= 0).any()):
+            loss = loss + AUX_WEIGHT * F.cross_entropy(img.router_logits.float(), modality, ignore_index=-1)
+        return loss
+
+    @torch.no_grad()
+    def embed_texts(self, tokenizer, texts):
+        """Sentence embeddings [N, D], unit length."""
+        device = self.text.tok_embed.weight.device
+        return F.normalize(self.text(*[t.to(device) for t in encode_captions(tokenizer, texts)])[2], dim=-1)
+
+    @torch.no_grad()
+    def zero_shot(self, pixels, tokenizer, labels, prompts=PROMPTS):
+        """Probabilities [B, C] over `labels` (each class a prompt ensemble: the mean of its prompts'
+        unit embeddings) from cosine similarity x TEMP3, and the expert each image used."""
+        classes = torch.stack([self.embed_texts(tokenizer, [p.format(label) for p in prompts]).mean(0) for label in labels])
+        img = self.encode_image(pixels)
+        sims = F.normalize(img.embedding, dim=-1) @ F.normalize(classes, dim=-1).T
+        return (sims * TEMP3).softmax(-1), img.expert
+
+
+# ----------------------------------------------------------------------------- GLoRIA losses
+
+
+def cosine(a, b, eps=1e-8):
+    """GLoRIA's cosine similarity (last dim): the product of the norms is clamped, not each norm."""
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=eps)
+
+
+def global_loss(img_emb, text_emb, temp=TEMP3):
+    """Bidirectional InfoNCE on cosine similarity x temp (GLoRIA's global_loss).
+    img_emb, text_emb [B, D], pair i = (image i, caption i). Returns (image->text, text->image)."""
+    norms = img_emb.norm(dim=1)[:, None] * text_emb.norm(dim=1)[None]
+    scores = img_emb @ text_emb.T / norms.clamp(min=1e-8) * temp  # [B images, B captions]
+    labels = torch.arange(len(scores), device=scores.device)
+    return F.cross_entropy(scores, labels), F.cross_entropy(scores.T, labels)
+
+
+def local_scores(regions, words, word_mask, temp1=TEMP1, temp2=TEMP2):
+    """log sum_w exp(temp2 * cos(word w, its attended context)) for every (caption i, image j): [B, B].
+    GLoRIA computes one caption against all images at a time; here all pairs at once."""
+    # attention_fn: dot products of the caption's words with the image's regions ...
+    attn = torch.einsum("iwd,jnd->ijwn", words, regions)  # [captions, images, words, regions]
+    # ... softmax over the caption's words first (for each region; padding words take no part) ...
+    attn = attn.masked_fill(~word_mask[:, None, :, None], float("-inf")).softmax(dim=2)
+    # ... then, sharpened by temp1, over the regions (for each word)
+    attn = (attn * temp1).softmax(dim=3)
+    context = torch.einsum("ijwn,jnd->ijwd", attn, regions)  # each word's attention-weighted region context
+    sim = cosine(words[:, None], context) * temp2  # [captions, images, words]
+    # GLoRIA: log(sum(exp(.))) over the caption's words ('sum' aggregation); logsumexp is that, stably
+    return sim.masked_fill(~word_mask[:, None], float("-inf")).logsumexp(dim=-1)
+
+
+def local_loss(regions, words, word_mask, temp1=TEMP1, temp2=TEMP2, temp3=TEMP3):
+    """GLoRIA's local (word-to-region) contrastive loss. regions [B, N, D] (N image sub-regions),
+    words [B, W, D], word_mask [B, W] (True at the words used). Returns (image->text, text->image).
+    Memory grows as B^2 * W * N, as for GLoRIA's loop once autograd keeps every caption's graph."""
+    scores = local_scores(regions, words, word_mask, temp1, temp2) * temp3  # [captions, images]
+    labels = torch.arange(len(scores), device=scores.device)
+    return F.cross_entropy(scores.T, labels), F.cross_entropy(scores, labels)
+
+
+def gloria_loss(regions, img_emb, words, word_mask, sentence):
+    """0.5 local + 0.5 global with each the sum of its two directions; the model adds 2.0 * aux."""
+    local = sum(local_loss(regions, words, word_mask))
+    return LOCAL_WEIGHT * local + GLOBAL_WEIGHT * sum(global_loss(img_emb, sentence))
+
+
+def describe(model: ContrastiveMedMoE):
+    """What `medmoe info` prints: shapes, and parameters per part and per image."""
+    cfg = model.cfg
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    M = lambda x: f"{x / 1e6:.2f}M"
+    swin, expert, router, text = n(model.swin), n(model.experts[0]), n(model.router), n(model.text)
+    return "\n".join([
+        f"MedMoE (contrastive): Swin {cfg.swin.image_size} px, patch {cfg.swin.patch_size}, embed {cfg.swin.embed_dim}, "
+        f"depths {list(cfg.swin.depths)}, window {cfg.swin.window_size}; {len(cfg.modalities)} experts ({', '.join(cfg.modalities)}) "
+        f"of width {cfg.text.hidden_size}; BERT {cfg.text.num_layers} layers x {cfg.text.hidden_size}",
+        f"parameters  total {M(n(model))} = Swin {M(swin)} + experts {len(cfg.modalities)} x {M(expert)} + router {M(router)} "
+        f"+ text {M(text)}",
+        f"per image   {M(swin + expert + router)} run (Swin, router and the one chosen expert)",
+    ])
+
+
+# ----------------------------------------------------------------------------- weights: our checkpoints
+
+
+def load_config(directory):
+    d = read_json(os.path.join(directory, "config.json"))
+    if d.get("kind") != KIND:
+        raise MedMoEError(f"{directory}: not a MedMoE contrastive checkpoint (make one with `medmoe init --kind contrastive` "
+                          "or `medmoe convert --swin DIR --bert DIR`)")
+    return ContrastiveConfig.from_dict(d)
+
+
+def load_model(directory, dtype=None, device="cpu"):
+    """config.json + model.safetensors -> an eval-mode ContrastiveMedMoE (tensors memory-mapped)."""
+    cfg = load_config(directory)
+    path = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(path):
+        raise MedMoEError(f"{directory}: missing weights file model.safetensors")
+    with torch.device("meta"):
+        model = ContrastiveMedMoE(cfg)
+    load_tensors(model, medmoe.cast_tensors(medmoe.read_safetensors(path), dtype), path)
+    return model.to(device).eval()
+
+
+def load_tensors(model, tensors, where):
+    """Check (one line per problem) and load a complete state dict; rebuild the non-persistent buffers."""
+    medmoe.check_tensors(model, tensors, where)
+    model.load_state_dict(tensors, assign=True)
+    medmoe.reset_buffers(model)
+    return model
+
+
+def save_model(model, directory, tokenizer_json=None):
+    medmoe.save_checkpoint(model.cfg, model.state_dict(), directory, tokenizer_json)
+
+
+# ----------------------------------------------------------------------------- weights: conversion from Hugging Face
+
+
+def square(value, name):
+    """HF allows an int or an [h, w] pair; Swin checkpoints are square."""
+    if isinstance(value, int):
+        return value
+    if len(value) != 2 or value[0] != value[1]:
+        raise MedMoEError(f"non-square {name} {list(value)} is not supported")
+    return value[0]
+
+
+def swin_config_from_hf(hf, preprocessor=None) -> SwinConfig:
+    """SwinConfig from a HF Swin config.json dict (+ its preprocessor_config.json dict)."""
+    if hf.get("model_type") != "swin":
+        raise MedMoEError(f"unknown backbone architecture {hf.get('model_type')!r} (supported: swin)")
+    if hf.get("use_absolute_embeddings"):
+        raise MedMoEError("Swin with use_absolute_embeddings=true is not supported")
+    act = HF_ACTS.get(hf.get("hidden_act", "gelu"))
+    if act is None:
+        raise MedMoEError(f"unknown Swin activation {hf['hidden_act']!r}")
+    default, pre = SwinConfig(), preprocessor or {}
+    size = pre.get("size", hf.get("image_size", default.image_size))
+    if isinstance(size, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
+        size = [size["height"], size["width"]] if "height" in size else size["shortest_edge"]
+    return SwinConfig(
+        image_size=square(size, "image size"), patch_size=square(hf.get("patch_size", default.patch_size), "patch size"),
+        in_channels=hf.get("num_channels", default.in_channels), embed_dim=hf.get("embed_dim", default.embed_dim),
+        depths=hf.get("depths", default.depths), num_heads=hf.get("num_heads", default.num_heads),
+        window_size=hf.get("window_size", default.window_size), mlp_ratio=hf.get("mlp_ratio", default.mlp_ratio),
+        qkv_bias=hf.get("qkv_bias", default.qkv_bias), act=act, norm_eps=hf.get("layer_norm_eps", default.norm_eps),
+        mean=pre.get("image_mean", default.mean), std=pre.get("image_std", default.std),
+    )
+
+
+# HF key (after an optional "swin." prefix) -> ours, first match wins; None drops the tensor.
+# Both layouts are read: the one checkpoints are saved in (hub files and save_pretrained,
+# attention.self.query ...) and transformers 5's in-memory one (attention.q_proj ...).
+BLOCK = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+OURS = r"stages.\1.blocks.\2."
+SWIN_KEYS = [
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"embeddings\.norm\.", "patch_embed.norm."),
+    (BLOCK + r"layernorm_before\.", OURS + "attn_norm."),
+    (BLOCK + r"layernorm_after\.", OURS + "ffn_norm."),
+    (BLOCK + r"attention\.(?:self\.query|q_proj)\.", OURS + "attn.q_proj."),
+    (BLOCK + r"attention\.(?:self\.key|k_proj)\.", OURS + "attn.k_proj."),
+    (BLOCK + r"attention\.(?:self\.value|v_proj)\.", OURS + "attn.v_proj."),
+    (BLOCK + r"attention\.(?:output\.dense|o_proj)\.", OURS + "attn.o_proj."),
+    (BLOCK + r"attention\.(?:self|relative_position_bias)\.relative_position_bias_table$", OURS + "position_bias.table"),
+    (BLOCK + r"attention\.(?:self|relative_position_bias)\.relative_position_index$", None),  # rebuilt, not loaded
+    (BLOCK + r"(?:intermediate\.dense|mlp\.fc1)\.", OURS + "ffn.up_proj."),
+    (BLOCK + r"(?:output\.dense|mlp\.fc2)\.", OURS + "ffn.down_proj."),
+    (r"encoder\.layers\.(\d+)\.downsample\.", r"stages.\1.merge."),
+    (r"layernorm\.", "norm."),
+    (r"classifier\.", None),  # SwinForImageClassification's head: MedMoE uses the features
+]
+
+
+def convert_swin(tensors, where):
+    """Rename a HF SwinModel / SwinForImageClassification state dict to Swin's names."""
+    out = {}
+    for key, t in tensors.items():
+        name = rename(key.removeprefix("swin."), SWIN_KEYS)
+        if name is False:
+            raise MedMoEError(f"{where}: unexpected tensor {key!r} (not a Swin checkpoint layout)")
+        if name is not None:
+            out[name] = t
+    return out
+
+
+def load_hf_swin(directory, dtype=None, device="cpu") -> Swin:
+    """A HF Swin checkpoint directory (config.json, weights, optional preprocessor_config.json)
+    as an eval-mode Swin. Tensors are memory-mapped when no cast is needed."""
+    hf = read_json(os.path.join(directory, "config.json"))
+    preprocessor = read_json(os.path.join(directory, "preprocessor_config.json"), required=False)
+    cfg = swin_config_from_hf(hf, preprocessor)
+    tensors = convert_swin(read_weights(directory), directory)
+    with torch.device("meta"):
+        model = Swin(cfg)
+    return load_tensors(model, medmoe.cast_tensors(tensors, dtype), directory).to(device).eval()
+
+
+# ----------------------------------------------------------------------------- Hugging Face BERT, tokenizers
+
+
+def text_config_from_hf(hf):
+    """TextConfig from a Hugging Face BERT config.json dict (Bio_ClinicalBERT's has no model_type)."""
+    if hf.get("model_type", "bert") != "bert":
+        raise MedMoEError(f"text encoder: model_type {hf['model_type']!r} is not bert")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise MedMoEError(f"text encoder: position_embedding_type {hf['position_embedding_type']!r} is not supported")
+    act = hf.get("hidden_act", "gelu")
+    if act not in HF_ACTS:
+        raise MedMoEError(f"text encoder: activation {act!r} is not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf]
+    if missing:
+        raise MedMoEError(f"text encoder: config.json lacks {', '.join(missing)}")
+    return TextConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+        max_positions=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+        norm_eps=hf.get("layer_norm_eps", 1e-12), act=HF_ACTS[act],
+    )
+
+
+# BertModel keys, after a prefix: "bert." (BertForMaskedLM / BertForPreTraining, as Bio_ClinicalBERT is
+# saved) or "text_model.model." (MedCLIP's checkpoint, which MedMoE's release loads its text weights from)
+BERT_PREFIX = r"(?:bert\.|text_model\.model\.)?"
+BERT_KEYS = [
+    (r"embeddings\.word_embeddings\.", "tok_embed."),
+    (r"embeddings\.position_embeddings\.", "pos_embed."),
+    (r"embeddings\.token_type_embeddings\.", "type_embed."),
+    (r"embeddings\.LayerNorm\.", "embed_norm."),
+    (r"embeddings\.position_ids", None),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.attn.q_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.attn.k_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.attn.v_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attn.o_proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attn_norm."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.ffn.up_proj."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.ffn.down_proj."),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.ffn_norm."),
+    # unused: the pooler, MLM/NSP heads, and the rest of a MedCLIP checkpoint
+    (r"pooler\.|cls\.|vision_model\.|text_model\.projection_head|logit_scale", None),
+]
+
+
+def convert_bert(tensors, where):
+    """Rename a Hugging Face BERT state dict to TextEncoder's names."""
+    out = {}
+    for key, t in tensors.items():
+        rest = re.sub(f"^{BERT_PREFIX}", "", key)
+        name = rename(rest, BERT_KEYS)
+        if name is None:
+            continue
+        if name is False:
+            raise MedMoEError(f"{where}: unexpected tensor {key!r} (not a BERT layout)")
+        out[re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))] = t  # TF-era LayerNorm names
+    return out
+
+
+def load_hf_bert(directory):
+    """TextEncoder from a Hugging Face BERT directory (config.json + weights), frozen as the spec says."""
+    cfg = text_config_from_hf(read_json(os.path.join(directory, "config.json")))
+    with torch.device("meta"):
+        model = TextEncoder(cfg)
+    tensors = {k: v.float() for k, v in convert_bert(read_weights(directory), directory).items()}  # fp16 releases too
+    load_tensors(model, tensors, directory)
+    return model.eval().requires_grad_(False)
+
+
+def load_wordpiece(directory, max_tokens=TextConfig.max_tokens):
+    """The BERT tokenizer of a directory: its tokenizer.json, else built from vocab.txt as transformers'
+    BertTokenizer does (lowercasing unless tokenizer_config.json says do_lower_case: false; Bio_ClinicalBERT
+    has no such file, so its captions are lowercased, as GLoRIA lowercases them too). Captions come out
+    as [CLS] ... [SEP], truncated to max_tokens and padded to the longest in the batch (as MedMoE's release)."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    path = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(path):
+        tok = Tokenizer.from_file(path)
+    else:
+        vocab_path = os.path.join(directory, "vocab.txt")
+        if not os.path.isfile(vocab_path):
+            raise MedMoEError(f"{directory}: no tokenizer.json or vocab.txt")
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
+            if special not in vocab:
+                raise MedMoEError(f"{vocab_path}: no {special} token")
+        tc = read_json(os.path.join(directory, "tokenizer_config.json"), required=False) or {}
+        tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=tc.get("tokenize_chinese_chars", True),
+            strip_accents=tc.get("strip_accents"), lowercase=tc.get("do_lower_case", True))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    pad = tok.token_to_id("[PAD]")
+    if pad is None:
+        raise MedMoEError(f"{directory}: the tokenizer has no [PAD] token")
+    tok.enable_truncation(max_length=max_tokens)
+    tok.enable_padding(pad_id=pad, pad_token="[PAD]")
+    return tok
+
+
+def encode_captions(tokenizer, captions):
+    """ids [B, T] int64, attention_mask [B, T] bool and pieces [B, T] bool (True at '##' word pieces,
+    which GLoRIA adds into the word before them)."""
+    enc = tokenizer.encode_batch(list(captions))
+    ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.bool)
+    pieces = torch.tensor([[t.startswith("##") for t in e.tokens] for e in enc], dtype=torch.bool)
+    return ids, mask, pieces
+
+
+
+def convert(out, swin, bert, modalities=ContrastiveConfig.modalities, seed=0):
+    """A MedMoE checkpoint from a HF Swin (e.g. microsoft/swin-tiny-patch4-window7-224) and a HF BERT
+    (e.g. emilyalsentzer/Bio_ClinicalBERT); the experts and the router start random (seeded)."""
+    backbone, text = load_hf_swin(swin), load_hf_bert(bert)
+    torch.manual_seed(seed)
+    model = ContrastiveMedMoE(ContrastiveConfig(swin=backbone.cfg, text=text.cfg, modalities=tuple(modalities)))
+    model.swin.load_state_dict(backbone.state_dict())
+    model.text.load_state_dict(text.state_dict())
+    os.makedirs(out, exist_ok=True)
+    load_wordpiece(bert, text.cfg.max_tokens).save(os.path.join(out, "tokenizer.json"))
+    save_model(model, out)
+    return model
+
+
+# Shapes for models trained from scratch on a CPU (no pretrained Swin or BERT offline).
+PRESETS = {
+    "tiny": dict(image=64, embed=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window=4, text=64, text_layers=2, vocab=1000),
+    "small": dict(image=96, embed=48, depths=(2, 2, 4, 2), heads=(2, 4, 8, 16), window=6, text=128, text_layers=4, vocab=2000),
+}
+
+
+def init_model(out, captions, modalities, preset="tiny", seed=0):
+    """A randomly initialised MedMoE with a WordPiece vocabulary fitted to `captions`."""
+    if preset not in PRESETS:
+        raise MedMoEError(f"unknown preset {preset!r} (choose {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    os.makedirs(out, exist_ok=True)
+    tok = train_wordpiece(captions, p["vocab"], os.path.join(out, "tokenizer.json"))
+    swin = SwinConfig(image_size=p["image"], embed_dim=p["embed"], depths=p["depths"], num_heads=p["heads"], window_size=p["window"])
+    text = TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=p["text"], num_layers=p["text_layers"],
+                      num_heads=max(1, p["text"] // 64), intermediate_size=p["text"] * 4, max_positions=64)
+    torch.manual_seed(seed)
+    model = ContrastiveMedMoE(ContrastiveConfig(swin=swin, text=text, modalities=tuple(modalities)))
+    save_model(model, out)
+    return model
+
+
+def train_wordpiece(texts, vocab_size, path):
+    """A lowercasing BERT WordPiece tokenizer fitted to texts, saved to path."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import WordPiece
+
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    specials = [(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")]
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=specials)
+    tok.save(path)
+    return tok
+
+
+# ----------------------------------------------------------------------------- using the model: zero-shot, router, linear probe
+
+
+def labelled_images(path, images=None, field="modality"):
+    """(image paths, labels): each distinct image of a VQA/LLaVA JSON(L) file with its `field` label
+    (images without one are left out), or the images of a folder of class subfolders."""
+    if os.path.isdir(path):
+        pairs = [(os.path.join(path, c, f), c) for c in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, c))
+                 for f in sorted(os.listdir(os.path.join(path, c)))]
+    else:
+        seen = {}
+        for ex in data.load_examples(path, images):
+            label = getattr(ex, field, None) or ex.extra.get(field)
+            if ex.image and label:
+                seen.setdefault(ex.image, label)
+        pairs = sorted(seen.items())
+    if not pairs:
+        raise MedMoEError(f"{path}: no labelled images (label field {field!r})")
+    return [p for p, _ in pairs], [label for _, label in pairs]
+
+
+@torch.no_grad()
+def embed_images(model, paths, image_mode="pad", batch_size=32, progress=True):
+    """Global image embeddings [N, D] and the expert each image was routed to [N]."""
+    device = model.router.fc1.weight.device
+    embeddings, experts = [], []
+    for i in tqdm(range(0, len(paths), batch_size), desc="images", disable=not progress):
+        pixels = torch.stack([data.load_pixels(p, model.cfg.swin, image_mode) for p in paths[i : i + batch_size]]).to(device)
+        img = model.encode_image(pixels)
+        embeddings.append(img.embedding.float().cpu())
+        experts.append(img.expert.cpu())
+    return torch.cat(embeddings), torch.cat(experts)
+
+
+def class_names(labels):
+    """How a zero-shot prompt names each class: modality labels in words ("xray" -> "x-ray")."""
+    return [data.MODALITY_WORDS.get(label, label) for label in labels]
+
+
+@torch.no_grad()
+def zero_shot_scores(model, tokenizer, embeddings, labels, prompts=PROMPTS):
+    """Class probabilities [N, C] for image embeddings (see ContrastiveMedMoE.zero_shot)."""
+    classes = torch.stack([model.embed_texts(tokenizer, [p.format(name) for p in prompts]).mean(0) for name in class_names(labels)])
+    return (F.normalize(embeddings, dim=-1) @ F.normalize(classes.cpu().float(), dim=-1).T * TEMP3).softmax(-1)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, steps=500, seed=0):
+    """Accuracy of a linear classifier fitted on frozen embeddings (the trainer's router fit: full-batch
+    AdamW cross-entropy) on held-out ones."""
+    import train
+
+    classes = sorted(set(train_y))
+    unknown = sorted(set(test_y) - set(classes))
+    if unknown:
+        raise MedMoEError(f"test label {unknown[0]!r} never occurs in the probe's training images")
+    feats = torch.cat([train_x, test_x])
+    labels = torch.tensor([classes.index(y) for y in list(train_y) + list(test_y)])
+    held = torch.arange(len(feats)) >= len(train_x)
+    _, acc = train.fit_router(feats, labels, torch.arange(len(feats)), held, len(classes), steps, seed)
+    return acc["record_acc"]
