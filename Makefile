@@ -12,6 +12,7 @@ test: install
 bench:
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_contrastive.py
 
 lint:
 	ruff check .

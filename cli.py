@@ -335,27 +335,28 @@ def contrastive_model(model_dir, device):
 @main.command()
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--labels", help="Comma-separated classes, e.g. \"ct,mri,x-ray,pathology\" (default: the model's modalities).")
-@click.option("--data", "data_file", type=click.Path(), help="Labelled records (or a folder of class subfolders): accuracy.")
+@click.option("--data", "data_files", multiple=True, type=click.Path(),
+              help="Labelled records (or a folder of class subfolders), repeatable: accuracy.")
 @click.option("--images-dir", type=click.Path(), help="Image folder of --data (default: its folder).")
 @click.option("--field", default="modality", show_default=True, help="The label field of --data records.")
 @click.option("--model", "model_dir", type=click.Path(), help="MedMoE checkpoint (default: $MEDMOE_MODEL).")
 @click.option("--device", help="cpu, cuda ... (default: cuda if available).")
 @click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True)
-def classify(images, labels, data_file, images_dir, field, model_dir, device, image_mode):
+def classify(images, labels, data_files, images_dir, field, model_dir, device, image_mode):
     """Zero-shot classification of IMAGES (prompt ensembles per class) with the expert each was routed to;
     with --data, accuracy over labelled images and the router's modality accuracy."""
     import contrastive
 
-    if not images and not data_file:
+    if not images and not data_files:
         raise medmoe.MedMoEError("give IMAGE files or --data FILE")
     model, tok = contrastive_model(model_dir, device)
     names = split_list(labels) if labels else list(model.cfg.modalities)
     paths, truth = list(images), [None] * len(images)
-    if data_file:
-        more, more_truth = contrastive.labelled_images(data_file, images_dir, field)
+    if data_files:
+        more, more_truth = contrastive.labelled_images(data_files, images_dir, field)
         paths, truth = paths + more, truth + more_truth
         names = names if labels else sorted(set(more_truth))
-    emb, experts = contrastive.embed_images(model, paths, image_mode, progress=bool(data_file))
+    emb, experts = contrastive.embed_images(model, paths, image_mode, progress=bool(data_files))
     probs = contrastive.zero_shot_scores(model, tok, emb, names)
     for path, p, e in zip(images, probs, experts):
         ranked = sorted(zip(names, p.tolist()), key=lambda kv: -kv[1])
@@ -371,20 +372,21 @@ def classify(images, labels, data_file, images_dir, field, model_dir, device, im
 
 
 @main.command()
-@click.option("--train", "train_file", required=True, type=click.Path(), help="Labelled records or a folder of class subfolders.")
-@click.option("--test", "test_file", required=True, type=click.Path(), help="Held-out labelled records or folder.")
+@click.option("--train", "train_files", required=True, multiple=True, type=click.Path(),
+              help="Labelled records or a folder of class subfolders (repeatable).")
+@click.option("--test", "test_files", required=True, multiple=True, type=click.Path(), help="Held-out labelled records or folders.")
 @click.option("--images-dir", type=click.Path(), help="Image folder of the records (default: each file's folder).")
 @click.option("--field", default="modality", show_default=True, help="The label field of the records.")
 @click.option("--model", "model_dir", type=click.Path(), help="MedMoE checkpoint (default: $MEDMOE_MODEL).")
 @click.option("--device", help="cpu, cuda ... (default: cuda if available).")
 @click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True)
-def probe(train_file, test_file, images_dir, field, model_dir, device, image_mode):
+def probe(train_files, test_files, images_dir, field, model_dir, device, image_mode):
     """Linear probe: a linear classifier on frozen global image embeddings, accuracy on held-out images."""
     import contrastive
 
     model, _ = contrastive_model(model_dir, device)
-    train_paths, train_y = contrastive.labelled_images(train_file, images_dir, field)
-    test_paths, test_y = contrastive.labelled_images(test_file, images_dir, field)
+    train_paths, train_y = contrastive.labelled_images(train_files, images_dir, field)
+    test_paths, test_y = contrastive.labelled_images(test_files, images_dir, field)
     train_x, _ = contrastive.embed_images(model, train_paths, image_mode)
     test_x, _ = contrastive.embed_images(model, test_paths, image_mode)
     acc = contrastive.linear_probe(train_x, train_y, test_x, test_y)

@@ -34,6 +34,7 @@ import medmoe
 from medmoe import HF_ACTS, Attention, FeedForward, MedMoEError, read_json, read_weights, rename
 
 KIND = "medmoe-contrastive"  # config.json's marker: a MedMoE (Swin + experts + BERT) checkpoint
+
 # GLoRIA's temperatures (the spec: "temperatures 4, 5, 10"; global cosine similarity x 10)
 TEMP1 = 4.0  # sharpens the word-to-region attention
 TEMP2 = 5.0  # scales each word's similarity to its attended image context
@@ -77,7 +78,6 @@ class SwinConfig:
         return self.embed_dim * 2 ** (len(self.depths) - 1)
 
 
-
 @dataclass
 class TextConfig:
     """BERT-base as Bio_ClinicalBERT ships it (cased BioBERT vocabulary of 28996 word pieces)."""
@@ -93,7 +93,6 @@ class TextConfig:
     act: str = "gelu"  # BERT's exact (erf) GELU
     max_tokens: int = 25  # captions are truncated to 25 word pieces, [CLS] and [SEP] included (spec)
     last_layers: int = 4  # word features = sum of the last 4 hidden states (GLoRIA last_n_layers, 'sum')
-
 
 
 @dataclass
@@ -785,7 +784,6 @@ def encode_captions(tokenizer, captions):
     return ids, mask, pieces
 
 
-
 def convert(out, swin, bert, modalities=ContrastiveConfig.modalities, seed=0):
     """A MedMoE checkpoint from a HF Swin (e.g. microsoft/swin-tiny-patch4-window7-224) and a HF BERT
     (e.g. emilyalsentzer/Bio_ClinicalBERT); the experts and the router start random (seeded)."""
@@ -842,22 +840,24 @@ def train_wordpiece(texts, vocab_size, path):
 # ----------------------------------------------------------------------------- using the model: zero-shot, router, linear probe
 
 
-def labelled_images(path, images=None, field="modality"):
-    """(image paths, labels): each distinct image of a VQA/LLaVA JSON(L) file with its `field` label
-    (images without one are left out), or the images of a folder of class subfolders."""
-    if os.path.isdir(path):
-        pairs = [(os.path.join(path, c, f), c) for c in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, c))
-                 for f in sorted(os.listdir(os.path.join(path, c)))]
-    else:
-        seen = {}
+def labelled_images(paths, images=None, field="modality"):
+    """(image paths, labels): each distinct image of VQA/LLaVA JSON(L) files with its `field` label
+    (images without one are left out), or the images of folders of class subfolders."""
+    pairs = {}
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        if os.path.isdir(path):
+            for c in sorted(os.listdir(path)):
+                if os.path.isdir(os.path.join(path, c)):
+                    pairs.update((os.path.join(path, c, f), c) for f in sorted(os.listdir(os.path.join(path, c))))
+            continue
         for ex in data.load_examples(path, images):
             label = getattr(ex, field, None) or ex.extra.get(field)
             if ex.image and label:
-                seen.setdefault(ex.image, label)
-        pairs = sorted(seen.items())
+                pairs.setdefault(ex.image, label)
     if not pairs:
-        raise MedMoEError(f"{path}: no labelled images (label field {field!r})")
-    return [p for p, _ in pairs], [label for _, label in pairs]
+        raise MedMoEError(f"{', '.join(map(str, [paths] if isinstance(paths, (str, os.PathLike)) else paths))}: "
+                          f"no labelled images (label field {field!r})")
+    return list(pairs), list(pairs.values())
 
 
 @torch.no_grad()

@@ -799,6 +799,8 @@ def load_config(directory):
     if not os.path.isfile(path):
         raise MedMoEError(f"{directory}: no config.json (not a medmoe checkpoint directory)")
     d = read_json(path)
+    if d.get("kind") == "medmoe-contrastive":
+        raise MedMoEError(f"{directory}: a MedMoE contrastive (Swin) checkpoint: `medmoe classify` and `medmoe probe` use it")
     if "llm" not in d:
         hint = " (a Hugging Face or Med-MoE checkpoint: run `medmoe convert` first)" if "model_type" in d or "architectures" in d else ""
         raise MedMoEError(f"{path}: not a medmoe config{hint}")

@@ -174,7 +174,10 @@ def test_train_writes_a_loadable_model_and_a_log(trained):
     rows = read_log(tmp / "m1" / "train_log.jsonl")
     assert len([r for r in rows if "loss" in r]) == 18  # 24 images / 8 per step x 6 epochs
     assert (tmp / "m1" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    C.load_model(tmp / "m1")
+    model = C.load_model(tmp / "m1")
+    info = run("info", tmp / "m1").output
+    per_image = sum(p.numel() for m in (model.swin, model.router, model.experts[0]) for p in m.parameters())
+    assert "MedMoE (contrastive)" in info and f"per image   {per_image / 1e6:.2f}M run" in info
 
 
 def test_resume_continues_the_same_trajectory(trained, tmp_path):
