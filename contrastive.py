@@ -429,6 +429,8 @@ class ContrastiveMedMoE(nn.Module):
     """MedMoE's Figure 2: Swin pyramid -> router picks one modality expert per image -> local and
     global image features, contrasted with BERT's word and sentence features (GLoRIA)."""
 
+    unused_parameters = True  # in a batch, the experts no image chose get no gradient (the trainer tells DDP)
+
     def __init__(self, cfg: ContrastiveConfig):
         super().__init__()
         self.cfg = cfg

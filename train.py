@@ -209,7 +209,9 @@ def wrap(model, a: TrainArgs, d: Dist):
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    # MedMoE routes whole images: an expert no image of a batch chose gets no gradient, which DDP must be told
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                   find_unused_parameters=getattr(model, "unused_parameters", False))
 
 
 def autocast(a: TrainArgs, device):

@@ -231,3 +231,22 @@ def test_bad_input_is_one_line(trained, tmp_path, monkeypatch, args, message):
     fill = dict(m=tmp / "m1", img=tmp / "test" / "images" / "ct-2-0.png", medmoe=medmoe_dir, data=train_file, out=tmp_path / "o")
     r = run(*[a.format(**{k: str(v) for k, v in fill.items()}) for a in args])
     assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_torchrun_two_processes(trained, tmp_path):
+    """Under torchrun (DDP), batches where some expert is chosen by no image still train (unused parameters)."""
+    import os
+    import subprocess
+    import sys
+
+    tmp, train_file, _ = trained
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "cli.py",
+                           "train", "--stage", "contrastive", "--model", str(tmp / "m0"), "--data", str(train_file), "--out",
+                           str(tmp_path / "two"), "--max-steps", "3", "--batch-size", "3", "--lr", "1e-3", "--train-text"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [r["loss"] for r in read_log(tmp_path / "two" / "train_log.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(0 < v < 100 for v in losses)
+    C.load_model(tmp_path / "two")
