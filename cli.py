@@ -119,10 +119,10 @@ def init(out, data_files, images, preset, template, kind, modalities, seed):
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (the schedule ends there).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Per process.")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, help="Default per stage: 1e-3, 2e-5, 2e-5 (the released scripts).")
+@click.option("--lr", type=float, help="Default per stage: 1e-3, 2e-5, 2e-5 (the released scripts); contrastive 5e-5 (MedMoE).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--warmup", type=float, default=0.03, show_default=True, help="Warmup fraction of the steps.")
-@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: off).")
+@click.option("--clip", type=float, help="Gradient-norm clip, 0: off (default 1.0; contrastive 0.25, as MedMoE).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast on GPUs that support it, else fp32.")
@@ -148,7 +148,8 @@ def init(out, data_files, images, preset, template, kind, modalities, seed):
 @click.option("--aux-loss-coef", type=float, default=0.0, show_default=True, help="Load-balancing loss weight (Med-MoE 0, MoE-LLaVA 0.01).")
 def train(stage, model_dir, data_files, images, out, val_data, epochs, max_steps, batch_size, grad_accum, lr, weight_decay, warmup,
           clip, seed, precision, grad_checkpointing, compile_, template, image_mode, train_vision, train_text, save_every, eval_every, keep,
-          resume, fsdp, workers, moe_layers, num_experts, router_steps, top_k, no_meta_expert, router_file, learned_router, aux_loss_coef):
+          resume, fsdp, workers, moe_layers, num_experts, router_steps, top_k, no_meta_expert, router_file, learned_router,
+          aux_loss_coef):
     """Train one stage; the same command runs under `torchrun --nproc_per_node N`."""
     import train as trainer
 

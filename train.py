@@ -1,14 +1,18 @@
-"""Training Med-MoE in its three stages (SPEC: released scripts), on one process or many.
+"""Training Med-MoE in its three stages (SPEC: released scripts), and MedMoE contrastively, on
+one process or many.
 
-    stage 1  align      projector only                  template `plain`   lr 1e-3
-    stage 2  instruct   LLM + projector                 chat template      lr 2e-5
-             then the router is fitted as a modality classifier on the FFN inputs
-    stage 3  MoE        upcycle; experts + meta expert  chat template      lr 2e-5
-             (the stage-2 router loaded frozen into every MoE layer)
+    stage 1      align      projector only                  template `plain`   lr 1e-3
+    stage 2      instruct   LLM + projector                 chat template      lr 2e-5
+                 then the router is fitted as a modality classifier on the FFN inputs
+    stage 3      MoE        upcycle; experts + meta expert  chat template      lr 2e-5
+                 (the stage-2 router loaded frozen into every MoE layer)
+    contrastive  MedMoE     Swin + experts + router         image-caption pairs lr 5e-5, clip 0.25
+                 (+ the text encoder with --train-text)
 
+A stage (VQAStage, ContrastiveStage) says what is trained on what; one loop runs them all:
 AdamW, cosine schedule with warmup, gradient accumulation and clipping; one process or
-`torchrun` (DDP, or FSDP2 with --fsdp). A step's loss is the mean over every answer token of
-every micro-batch on every process, so the split of a global batch never changes it.
+`torchrun` (DDP, or FSDP2 with --fsdp). A Med-MoE step's loss is the mean over every answer
+token of every micro-batch on every process, so the split of a global batch never changes it.
 Checkpoints hold model, optimizer, schedule, RNG and data position: --resume continues the
 very same trajectory.
 """
@@ -34,6 +38,7 @@ import plots
 from medmoe import MedMoEError
 
 STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 2e-5, "contrastive": 5e-5}  # contrastive: MedMoE's Adam lr (SPEC B)
+STAGE_CLIP = {1: 1.0, 2: 1.0, 3: 1.0, "contrastive": 0.25}
 
 
 @dataclass
@@ -51,7 +56,7 @@ class TrainArgs:
     lr: float | None = None  # default: STAGE_LR
     weight_decay: float = 0.0
     warmup: float = 0.03  # fraction of the steps
-    clip: float = 1.0
+    clip: float | None = None  # gradient-norm clip, 0: off; default STAGE_CLIP
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on GPUs that have it) | fp32 | bf16
     grad_checkpointing: bool = False
@@ -657,7 +662,8 @@ def train(a: TrainArgs, log=print):
                 loss.backward()
             loss_sum += loss.detach()
         (loss_sum,) = d.sum(float(loss_sum) / d.world)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.clip if a.clip > 0 else float("inf")))
+        clip = STAGE_CLIP[a.stage] if a.clip is None else a.clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
         for what, value in (("loss", loss_sum), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""

@@ -54,7 +54,7 @@ def run(shared, out, epochs=30, seed=0, preset="small", log=print):
     texts = [t for ts in data.captions(data.load_examples(train_file)).values() for t in ts]
     contrastive.init_model(os.path.join(out, "m0"), texts, MODALITIES, preset, seed)
     args = train.TrainArgs(stage="contrastive", model=os.path.join(out, "m0"), data=[train_file], out=os.path.join(out, "model"),
-                           epochs=epochs, batch_size=32, lr=1e-3, train_text=True, seed=seed, keep=1)
+                           epochs=epochs, batch_size=32, lr=1e-3, clip=1.0, train_text=True, seed=seed, keep=1)
     summary = train.train(args, log=log)
     model = contrastive.load_model(args.out)
     tok = contrastive.load_wordpiece(args.out, model.cfg.text.max_tokens)
