@@ -217,6 +217,22 @@ def test_probe_learns_the_synthetic_modalities(trained):
     assert acc >= 75  # four patterns a linear classifier on the embeddings tells apart (chance: 25%)
 
 
+def test_probe_and_classify_read_class_folders(trained, tmp_path):
+    """A folder of class subfolders is the same labelled set as the records it was made from."""
+    tmp, train_file, test_file = trained
+    for name, records in (("train", train_file), ("test", test_file)):
+        paths, labels = C.labelled_images(records)
+        for p, label in zip(paths, labels):
+            (tmp_path / name / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, tmp_path / name / label)
+    from_records = run("probe", "--train", train_file, "--test", test_file, "--model", tmp / "m1").output
+    from_folders = run("probe", "--train", tmp_path / "train", "--test", tmp_path / "test", "--model", tmp / "m1").output
+    line = lambda out: [x for x in out.splitlines() if x.startswith("linear probe")]
+    assert line(from_folders) == line(from_records)
+    r = run("classify", "--data", tmp_path / "test", "--model", tmp / "m1")
+    assert r.exit_code == 0 and "of 12 images (ct, mri, pathology, xray)" in r.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["classify", "missing.png", "--model", "{m}"], "missing.png"),
     (["classify", "{img}", "--model", "{medmoe}"], "not a MedMoE contrastive checkpoint"),
