@@ -478,15 +478,6 @@ class ContrastiveMedMoE(nn.Module):
         device = self.text.tok_embed.weight.device
         return F.normalize(self.text(*[t.to(device) for t in encode_captions(tokenizer, texts)])[2], dim=-1)
 
-    @torch.no_grad()
-    def zero_shot(self, pixels, tokenizer, labels, prompts=PROMPTS):
-        """Probabilities [B, C] over `labels` (each class a prompt ensemble: the mean of its prompts'
-        unit embeddings) from cosine similarity x TEMP3, and the expert each image used."""
-        classes = torch.stack([self.embed_texts(tokenizer, [p.format(label) for p in prompts]).mean(0) for label in labels])
-        img = self.encode_image(pixels)
-        sims = F.normalize(img.embedding, dim=-1) @ F.normalize(classes, dim=-1).T
-        return (sims * TEMP3).softmax(-1), img.expert
-
 
 # ----------------------------------------------------------------------------- GLoRIA losses
 
@@ -882,7 +873,8 @@ def class_names(labels):
 
 @torch.no_grad()
 def zero_shot_scores(model, tokenizer, embeddings, labels, prompts=PROMPTS):
-    """Class probabilities [N, C] for image embeddings (see ContrastiveMedMoE.zero_shot)."""
+    """Zero-shot class probabilities [N, C] for image embeddings [N, D]: each class is a prompt ensemble
+    (the mean of its prompts' unit sentence embeddings); softmax over cosine similarity x TEMP3."""
     classes = torch.stack([model.embed_texts(tokenizer, [p.format(name) for p in prompts]).mean(0) for name in class_names(labels)])
     return (F.normalize(embeddings, dim=-1) @ F.normalize(classes.cpu().float(), dim=-1).T * TEMP3).softmax(-1)
 

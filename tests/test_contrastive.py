@@ -202,9 +202,18 @@ def test_classify_prints_probabilities_and_the_expert(trained):
     line = r.output.strip()
     probs = [float(p.split()[-1].rstrip("%")) for p in line.split(": ", 1)[1].split("  (")[0].split(", ")]
     assert sum(probs) == pytest.approx(100, abs=0.2) and "expert)" in line
-    model, _ = cli.contrastive_model(str(tmp / "m1"), "cpu")
+    model, tok = cli.contrastive_model(str(tmp / "m1"), "cpu")
     _, expert = C.embed_images(model, [image], progress=False)
     assert f"routed to the {MODALITIES[int(expert[0])]} expert" in line
+    # the probabilities by hand: mean of the prompts' unit sentence embeddings per class, cosine x 10, softmax
+    emb, _ = C.embed_images(model, [image], progress=False)
+    classes = []
+    for name in ("ct scan", "mri scan"):
+        ids, mask, pieces = C.encode_captions(tok, [p.format(name) for p in C.PROMPTS])
+        with torch.no_grad():
+            classes.append(F.normalize(model.text(ids, mask, pieces)[2], dim=-1).mean(0))
+    want = (10 * F.cosine_similarity(emb, torch.stack(classes))).softmax(-1)
+    assert sorted(probs, reverse=True) == pytest.approx(sorted((100 * want).tolist(), reverse=True), abs=0.051)
     r = run("classify", "--data", test_file, "--model", tmp / "m1")
     assert "zero-shot modality accuracy" in r.output and "router modality accuracy" in r.output
 
