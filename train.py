@@ -480,6 +480,7 @@ class VQAStage:
             say(f"warning: {unsupervised} of {len(self.train_set)} records have no answer token within the context length ({self.max_len})")
 
     collate = staticmethod(data.collate)
+    rate = "tok_s"  # the progress bar's throughput: input tokens per second
 
     def trainable(self):
         return set_trainable(self.model, self.a)
@@ -557,6 +558,7 @@ class ContrastiveStage:
         return len(b.index)
 
     inputs = units  # throughput is counted in images
+    rate = "img_s"
 
     def loss(self, run, b, units):
         return run(b.pixels, b.ids, b.mask, b.pieces, b.modality) * (len(b.index) / units)
@@ -698,7 +700,7 @@ def train(a: TrainArgs, log=print):
                     if state["step"] % a.log_every == 0 or state["step"] == total:
                         logbook.write(step=state["step"], epoch=state["epoch"], loss=loss, lr=lr_now, grad_norm=grad_norm,
                                       tokens=state["tokens"], tokens_per_s=tps, elapsed_s=elapsed)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:,.0f}")
+                    bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr_now:.2e}", task.rate: f"{tps:,.0f}"})
                     bar.update(1)
                     if val_set and a.eval_every and state["step"] % a.eval_every == 0:
                         logbook.write(step=state["step"], val_loss=task.val_loss(run, d))
