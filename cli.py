@@ -7,11 +7,12 @@ import os
 import click
 import torch
 
+import contrastive
 import data
 import medmoe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODALITIES = ("xray", "ct", "mri", "ultrasound", "pathology", "fundus")  # MedMoE's experts (the authors' code)
+MODALITIES = ",".join(contrastive.ContrastiveConfig.modalities)  # MedMoE's experts (the authors' code)
 
 
 def split_list(text):
@@ -44,14 +45,12 @@ def main():
 @click.option("--max-seq-len", type=int, default=None, help="Context length (default: the decoder's).")
 @click.option("--swin", type=click.Path(), help="MedMoE: Hugging Face Swin directory (with --bert).")
 @click.option("--bert", type=click.Path(), help="MedMoE: Hugging Face BERT directory, e.g. Bio_ClinicalBERT (with --swin).")
-@click.option("--modalities", default=",".join(MODALITIES), show_default=True, help="MedMoE: one expert per modality.")
+@click.option("--modalities", default=MODALITIES, show_default=True, help="MedMoE: one expert per modality.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of freshly initialised layers (projector; experts, router).")
 def convert(out, vision, llm, llava, medmoe_dir, dtype, feature_layer, template, max_seq_len, swin, bert, modalities, seed):
     """Make a checkpoint directory OUT (config.json, model.safetensors, tokenizer.json): Med-MoE from
     --vision/--llm/--llava/--medmoe, or MedMoE (contrastive) from --swin and --bert."""
     if swin or bert:
-        import contrastive
-
         if not (swin and bert):
             raise medmoe.MedMoEError("a MedMoE checkpoint needs both --swin and --bert")
         model = contrastive.convert(out, swin, bert, split_list(modalities), seed)
@@ -67,9 +66,7 @@ def convert(out, vision, llm, llava, medmoe_dir, dtype, feature_layer, template,
 @click.argument("directory", type=click.Path())
 def info(directory):
     """Architecture, total parameters and parameters activated per token (or image)."""
-    if medmoe.read_json(os.path.join(directory, "config.json")).get("kind") == "medmoe-contrastive":
-        import contrastive
-
+    if medmoe.read_json(os.path.join(directory, "config.json")).get("kind") == contrastive.KIND:
         with torch.device("meta"):
             click.echo(contrastive.describe(contrastive.ContrastiveMedMoE(contrastive.load_config(directory))))
         return
@@ -87,15 +84,13 @@ def info(directory):
 @click.option("--template", default="phi", show_default=True, help="Conversation template.")
 @click.option("--kind", type=click.Choice(["med-moe", "contrastive"]), default="med-moe", show_default=True,
               help="med-moe: the VQA model; contrastive: MedMoE (Swin + modality experts + BERT).")
-@click.option("--modalities", default=",".join(MODALITIES), show_default=True, help="contrastive: one expert per modality.")
+@click.option("--modalities", default=MODALITIES, show_default=True, help="contrastive: one expert per modality.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def init(out, data_files, images, preset, template, kind, modalities, seed):
     """A model trained from scratch starts here: random weights and a tokenizer fitted to DATA."""
     import train as trainer
 
     if kind == "contrastive":
-        import contrastive
-
         examples = [ex for path in data_files for ex in data.load_examples(path, images)]
         texts = [t for ts in data.captions(examples).values() for t in ts]
         model = contrastive.init_model(out, texts, split_list(modalities), preset, seed)
@@ -322,7 +317,6 @@ def route(images, data_file, images_dir, model_dir, device, image_mode, compile_
 
 
 def contrastive_model(model_dir, device):
-    import contrastive
     import vqa
 
     dev, _ = vqa.pick_device(device)
@@ -346,8 +340,6 @@ def contrastive_model(model_dir, device):
 def classify(images, labels, data_files, images_dir, field, model_dir, device, image_mode):
     """Zero-shot classification of IMAGES (prompt ensembles per class) with the expert each was routed to;
     with --data, accuracy over labelled images and the router's modality accuracy."""
-    import contrastive
-
     if not images and not data_files:
         raise medmoe.MedMoEError("give IMAGE files or --data FILE")
     model, tok = contrastive_model(model_dir, device)
@@ -383,8 +375,6 @@ def classify(images, labels, data_files, images_dir, field, model_dir, device, i
 @click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True)
 def probe(train_files, test_files, images_dir, field, model_dir, device, image_mode):
     """Linear probe: a linear classifier on frozen global image embeddings, accuracy on held-out images."""
-    import contrastive
-
     model, _ = contrastive_model(model_dir, device)
     train_paths, train_y = contrastive.labelled_images(train_files, images_dir, field)
     test_paths, test_y = contrastive.labelled_images(test_files, images_dir, field)
