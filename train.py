@@ -452,7 +452,7 @@ class Log:
 class VQAStage:
     """Stages 1-3: (image, conversation) records; a step's loss is the mean over its answer tokens.
     The trainer's loop asks a stage for its model, data and the loss of a micro-batch; the MedMoE
-    contrastive stage (contrastive.ContrastiveStage) answers the same questions."""
+    contrastive stage (ContrastiveStage, below) answers the same questions."""
 
     def __init__(self, a: TrainArgs, source, fresh, say):
         self.a = a
