@@ -734,8 +734,7 @@ def load_wordpiece(directory, max_tokens=TextConfig.max_tokens):
     BertTokenizer does (lowercasing unless tokenizer_config.json says do_lower_case: false; Bio_ClinicalBERT
     has no such file, so its captions are lowercased, as GLoRIA lowercases them too). Captions come out
     as [CLS] ... [SEP], truncated to max_tokens and padded to the longest in the batch (as MedMoE's release)."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
+    from tokenizers import Tokenizer
 
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
@@ -750,15 +749,8 @@ def load_wordpiece(directory, max_tokens=TextConfig.max_tokens):
             if special not in vocab:
                 raise MedMoEError(f"{vocab_path}: no {special} token")
         tc = read_json(os.path.join(directory, "tokenizer_config.json"), required=False) or {}
-        tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=tc.get("tokenize_chinese_chars", True),
-            strip_accents=tc.get("strip_accents"), lowercase=tc.get("do_lower_case", True))
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece(prefix="##")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        tok = bert_wordpiece(vocab, handle_chinese_chars=tc.get("tokenize_chinese_chars", True), strip_accents=tc.get("strip_accents"),
+                             lowercase=tc.get("do_lower_case", True))
     pad = tok.token_to_id("[PAD]")
     if pad is None:
         raise MedMoEError(f"{directory}: the tokenizer has no [PAD] token")
@@ -814,18 +806,35 @@ def init_model(out, captions, modalities, preset="tiny", seed=0):
     return model
 
 
-def train_wordpiece(texts, vocab_size, path):
-    """A lowercasing BERT WordPiece tokenizer fitted to texts, saved to path."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+def bert_wordpiece(vocab=None, **normalizer):
+    """BERT's WordPiece pipeline (BertNormalizer with `normalizer` options, BertPreTokenizer, '##' pieces,
+    [CLS] ... [SEP] around each caption); vocab None: an empty vocabulary, to be trained."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordPiece
 
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(**normalizer)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    if vocab is not None:
+        add_cls_sep(tok)
+    return tok
+
+
+def add_cls_sep(tok):
+    from tokenizers import processors
+
     specials = [(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")]
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=specials)
+
+
+def train_wordpiece(texts, vocab_size, path):
+    """A lowercasing BERT WordPiece tokenizer fitted to texts, saved to path."""
+    from tokenizers import trainers
+
+    tok = bert_wordpiece(lowercase=True)
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    add_cls_sep(tok)
     tok.save(path)
     return tok
 
