@@ -36,10 +36,15 @@ def main():
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--vision", type=click.Path(), help="Hugging Face CLIP or SigLIP directory.")
-@click.option("--llm", type=click.Path(), help="Hugging Face decoder directory (Phi, StableLM, Qwen2, Llama, Mistral, Mixtral).")
+@click.option("--llm", type=click.Path(), help="Hugging Face decoder directory (Phi, StableLM, Qwen2, Llama, Mistral, Mixtral), or GGUF.")
 @click.option("--llava", type=click.Path(), help="Hugging Face LlavaForConditionalGeneration directory.")
 @click.option("--medmoe", "medmoe_dir", type=click.Path(), help="Released Med-MoE / MoE-LLaVA directory.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Cast weights (default: keep).")
+@click.option("--model", "model_dir", type=click.Path(), help="One of our own checkpoints (to cast or quantize it).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Cast floating weights (default: keep; bf16 when quantizing).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), help="Weight-only quantization of every large matrix.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128", "256"]), default="64", show_default=True,
+              help="int4: inputs sharing one scale and zero.")
+@click.option("--quantize-vision", is_flag=True, help="Quantize the vision tower too.")
 @click.option("--feature-layer", type=int, default=-2, show_default=True, help="Vision hidden state fed to the projector.")
 @click.option("--template", default=None, help="Conversation template (default: the decoder's).")
 @click.option("--max-seq-len", type=int, default=None, help="Context length (default: the decoder's).")
@@ -47,19 +52,26 @@ def main():
 @click.option("--bert", type=click.Path(), help="MedMoE: Hugging Face BERT directory, e.g. Bio_ClinicalBERT (with --swin).")
 @click.option("--modalities", default=MODALITIES, show_default=True, help="MedMoE: one expert per modality.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of freshly initialised layers (projector; experts, router).")
-def convert(out, vision, llm, llava, medmoe_dir, dtype, feature_layer, template, max_seq_len, swin, bert, modalities, seed):
+def convert(out, vision, llm, llava, medmoe_dir, model_dir, dtype, quantize, group_size, quantize_vision, feature_layer, template,
+            max_seq_len, swin, bert, modalities, seed):
     """Make a checkpoint directory OUT (config.json, model.safetensors, tokenizer.json): Med-MoE from
-    --vision/--llm/--llava/--medmoe, or MedMoE (contrastive) from --swin and --bert."""
+    --vision/--llm/--llava/--medmoe/--model, or MedMoE (contrastive) from --swin and --bert."""
     if swin or bert:
         if not (swin and bert):
             raise medmoe.MedMoEError("a MedMoE checkpoint needs both --swin and --bert")
         model = contrastive.convert(out, swin, bert, split_list(modalities), seed)
         click.echo(f"wrote {out}\n{contrastive.describe(model)}")
         return
-    model = medmoe.convert(out, vision=vision, llm=llm, llava=llava, medmoe=medmoe_dir, dtype=DTYPES.get(dtype),
-                           feature_layer=feature_layer, template=template, max_seq_len=max_seq_len, seed=seed)
+    quant = quant_config(quantize, group_size, quantize_vision)
+    model = medmoe.convert(out, vision=vision, llm=llm, llava=llava, medmoe=medmoe_dir, ours=model_dir, dtype=DTYPES.get(dtype),
+                           quant=quant, feature_layer=feature_layer, template=template, max_seq_len=max_seq_len, seed=seed)
     click.echo(f"wrote {out}")
-    click.echo(medmoe.describe(model))
+    click.echo(medmoe.describe(model, out))
+
+
+def quant_config(name, group_size=64, vision=False):
+    """"int8" / "int4" -> a QuantConfig; None -> None."""
+    return medmoe.QuantConfig(bits=int(name[3:]), group_size=int(group_size), vision=vision) if name else None
 
 
 @main.command()
@@ -70,10 +82,7 @@ def info(directory):
         with torch.device("meta"):
             click.echo(contrastive.describe(contrastive.ContrastiveMedMoE(contrastive.load_config(directory))))
         return
-    cfg = medmoe.load_config(directory)
-    with torch.device("meta"):
-        model = medmoe.MedMoE(cfg)
-    click.echo(medmoe.describe(model))
+    click.echo(medmoe.describe(medmoe.empty_model(medmoe.load_config(directory)), directory))
 
 
 @main.command()
@@ -179,15 +188,20 @@ def model_options(f):
         click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True,
                      help="pad: as trained (stages 2-3); crop: as the authors' evaluation script."),
         click.option("--compile/--no-compile", "compile_", default=None, help="Compile the decode step (default: on GPUs)."),
+        click.option("--dtype", type=click.Choice([*DTYPES, "int8", "int4"]),
+                     help="Compute dtype, or quantize a float checkpoint on loading (default: bf16 on GPUs and for "
+                          "quantized checkpoints, else fp32)."),
     ]):
         f = opt(f)
     return f
 
 
-def assistant(model_dir, device, image_mode, compile_):
+def assistant(model_dir, device, image_mode, compile_, dtype):
     import vqa
 
-    return vqa.Assistant(vqa.find_model(model_dir), device=device, image_mode=image_mode, compile=compile_)
+    quant = quant_config(dtype) if dtype in ("int8", "int4") else None
+    return vqa.Assistant(vqa.find_model(model_dir), device=device, dtype=DTYPES.get(dtype), quant=quant, image_mode=image_mode,
+                         compile=compile_)
 
 
 def echo_stream(pieces):
@@ -207,11 +221,11 @@ def echo_stream(pieces):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--show-routing", is_flag=True, help="Which modality the router sees; experts chosen per MoE layer.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
-def ask(image, question, model_dir, device, image_mode, compile_, as_json, show_routing, max_new_tokens):
+def ask(image, question, model_dir, device, image_mode, compile_, dtype, as_json, show_routing, max_new_tokens):
     """Answer QUESTION about IMAGE (PNG, JPEG, TIFF, BMP; DICOM with the dicom extra)."""
     import vqa
 
-    a = assistant(model_dir, device, image_mode, compile_)
+    a = assistant(model_dir, device, image_mode, compile_, dtype)
     pixels = a.pixels(image)
     if not as_json:
         answer_aloud(a, pixels, question, max_new_tokens, show_routing)
@@ -235,9 +249,9 @@ def answer_aloud(a, pixels, question, max_new_tokens=256, show_routing=False):
 @click.argument("image", type=click.Path())
 @model_options
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
-def chat(image, model_dir, device, image_mode, compile_, max_new_tokens):
+def chat(image, model_dir, device, image_mode, compile_, dtype, max_new_tokens):
     """A conversation about IMAGE; the history stays in the prompt. Ctrl-D or Ctrl-C quits."""
-    a = assistant(model_dir, device, image_mode, compile_)
+    a = assistant(model_dir, device, image_mode, compile_, dtype)
     pixels = a.pixels(image)
     click.echo(f"{a.name} on {image}: ask away (Ctrl-D to quit)")
     turns = []
@@ -267,7 +281,7 @@ def chat(image, model_dir, device, image_mode, compile_, max_new_tokens):
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(data_file, images, model_dir, device, image_mode, compile_, out, limit, batch_size, max_new_tokens, as_json):
+def evaluate(data_file, images, model_dir, device, image_mode, compile_, dtype, out, limit, batch_size, max_new_tokens, as_json):
     """Greedy answers to a VQA test file, scored as the Med-MoE authors score them."""
     import scorer
     import vqa
@@ -275,7 +289,7 @@ def evaluate(data_file, images, model_dir, device, image_mode, compile_, out, li
     examples = data.load_examples(data_file, images)[:limit]
     if not examples:
         raise medmoe.MedMoEError(f"{data_file}: no records")
-    a = assistant(model_dir, device, image_mode, compile_)
+    a = assistant(model_dir, device, image_mode, compile_, dtype)
     scores = vqa.evaluate(a, examples, out, batch_size, max_new_tokens)
     click.echo(json.dumps(scores) if as_json else scorer.format_table(scores))
     click.echo(f"predictions: {out}", err=as_json)
@@ -290,7 +304,7 @@ def evaluate(data_file, images, model_dir, device, image_mode, compile_, out, li
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the expert-load heatmap here (PNG).")
 @click.option("--limit", type=int, help="Only the first N records of --data.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-def route(images, data_file, images_dir, model_dir, device, image_mode, compile_, question, plot, limit, batch_size):
+def route(images, data_file, images_dir, model_dir, device, image_mode, compile_, dtype, question, plot, limit, batch_size):
     """Expert load per MoE layer over IMAGES or --data: do the experts specialise?"""
     import plots
     import vqa
@@ -300,7 +314,7 @@ def route(images, data_file, images_dir, model_dir, device, image_mode, compile_
     examples = [data.Example(id=p, image=p, turns=[(question or "What is shown in this image?", None)]) for p in images]
     if data_file:
         examples += data.load_examples(data_file, images_dir)[:limit]
-    a = assistant(model_dir, device, image_mode, compile_)
+    a = assistant(model_dir, device, image_mode, compile_, dtype)
     s = vqa.routing_summary(a, examples, vqa.route_many(a, examples, batch_size, question))
     width = max(len(label) for label in s["row_labels"])
     click.echo(" " * width + " " + " ".join(f"{n:>10}" for n in s["experts"]))

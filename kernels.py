@@ -4,7 +4,8 @@
 
 Experts live in stacked tensors (w_in/w_gate [E, F, H], w_out [E, H, F]) and every path below
 runs the same expert MLP (`_expert`); they differ only in how one linear layer reaches the
-right expert's weights:
+right expert's weights. A weight may also be weight-only quantized (int8 / int4, see the end of
+this file): then it is a (data, scales) pair and every path reaches the quantized kernels.
   loop     for each expert, the tokens routed to it -> F.linear. Simple; the test oracle.
   grouped  sort the (token, slot) rows by expert, then one grouped GEMM per projection over
            contiguous row blocks. Best for prefill and training.
@@ -56,12 +57,12 @@ def moe_mlp(x, expert_idx, expert_weight, w_in, w_out, *, w_gate=None, b_in=None
     Expert e is  act(x @ w_gate[e].T) * (x @ w_in[e].T)  (SwiGLU) when w_gate is given, else
     act(x @ w_in[e].T + b_in[e]);  then  @ w_out[e].T + b_out[e]."""
     if impl == "auto":
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or getattr(w_in, "requires_grad", False))
         impl = choose_impl(x, expert_idx.numel(), needs_grad)
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE impl {impl!r}; choose one of {('auto',) + IMPLS}")
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.is_autocast_enabled(dev) and not isinstance(w_in, tuple):
         # The custom op is invisible to autocast, so cast here as F.linear would: every path
         # then computes (and returns) the autocast dtype, like the dense layers around it.
         dt = torch.get_autocast_dtype(dev)
@@ -85,10 +86,9 @@ def _expert(x, linear, weights, act):
 
 def _moe_loop(x, idx, weight, weights, act):
     out = torch.zeros_like(x)
-    for e in range(weights[0].shape[0]):
+    for e in range(num_experts(weights[0])):
         tok, slot = torch.where(idx == e)
-        expert_e = [None if w is None else w[e] for w in weights]
-        y = _expert(x[tok], F.linear, expert_e, act)
+        y = _expert(x[tok], linear, [pick(w, e) for w in weights], act)
         out.index_add_(0, tok, y * weight[tok, slot, None])
     return out
 
@@ -103,7 +103,10 @@ def _moe_gather(x, idx, weight, weights, act):
         return _moe_gather_eager(x, flat.tolist(), weight, weights, act)
 
     def linear(a, w, b):
-        y = torch.bmm(w[flat], a.unsqueeze(-1)).squeeze(-1)  # [T*k, out, in] @ [T*k, in, 1]
+        if isinstance(w, tuple):  # quantized: no bmm over int weights; one opaque op per projection
+            y = _expert_qmm(a, *w, flat)
+        else:
+            y = torch.bmm(w[flat], a.unsqueeze(-1)).squeeze(-1)  # [T*k, out, in] @ [T*k, in, 1]
         return y if b is None else y + b[flat]
 
     y = _expert(x.repeat_interleave(k, dim=0), linear, weights, act)
@@ -117,7 +120,7 @@ def _moe_gather_eager(x, experts, weight, weights, act):
     rows = []
     for r, e in enumerate(experts):
         t = r // k
-        y = _expert(x[t : t + 1], F.linear, [None if w is None else w[e] for w in weights], act)
+        y = _expert(x[t : t + 1], linear, [pick(w, e) for w in weights], act)
         rows.append(y * weight[t, r % k])
     return torch.cat(rows).unflatten(0, (x.shape[0], k)).sum(1)
 
@@ -127,7 +130,7 @@ def _moe_gather_eager(x, experts, weight, weights, act):
 
 def _moe_grouped(x, idx, weight, weights, act):
     k = idx.shape[1]
-    E = weights[0].shape[0]
+    E = num_experts(weights[0])
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # rows grouped by expert, token order kept within
     expert_of_row = flat[order]
@@ -139,7 +142,7 @@ def _moe_grouped(x, idx, weight, weights, act):
     offs = torch.searchsorted(expert_of_row, experts, right=True, out_int32=True)
 
     def linear(a, w, b):
-        y = _grouped_mm(a, w, offs)
+        y = _expert_qmm(a, *w, expert_of_row) if isinstance(w, tuple) else _grouped_mm(a, w, offs)
         return y if b is None else y + b[expert_of_row]
 
     y = _expert(x[tok], linear, weights, act)
@@ -232,3 +235,154 @@ def dispatch_samples(experts, chosen, inputs, *args):
         y = expert([x[rows] for x in inputs], *args)
         out = (y.new_zeros((len(chosen), *y.shape[1:])) if out is None else out).index_copy(0, rows, y)
     return out
+
+
+# ----------------------------------------------------------------------------- weight-only quantization
+# A quantized weight is a pair (data, scales); which kind it is follows from data's dtype:
+#   int8  data int8  [..., N, K], scales [..., N]: w = data * scale, per output channel (symmetric)
+#   int4  data uint8 [..., N, K/2] in the layout torch._weight_int4pack_mm_for_cpu reads, scales
+#         [..., K/g, N, 2] = (scale, zero) per group of g inputs: w = (q - 8) * scale + zero
+# Scales are kept in bf16, the dtype the packed CPU kernels are fast in. Decoding (a few rows) uses
+# the kernels PyTorch ships; more rows (prefill, the vision tower) dequantise once per call and run
+# the float GEMM. Measured on the 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms):
+#   rows M                                           1      8      64
+#   bf16 F.linear                                  0.97   1.03   1.66
+#   _weight_int8pack_mm, bf16 x                    0.76   1.84   8.78     (fp32 x: 4.05 at M=1)
+#   _weight_int4pack_mm_for_cpu g64, bf16 x        0.35   1.17   8.05     (fp32 x: 8.56 at M=1)
+#   int8 dequantise + F.linear                     2.09   2.27   2.52
+#   inductor-fused  F.linear(x, w.to(bf16)) * s    1.97                   (gpt-fast's int8 form)
+#   int4 dequantise: 28 ms eager, 8.6 ms compiled; then F.linear at M=636: 10.4 ms
+# torchao's int8/int4 weight-only CPU layouts call these same two aten kernels, so the optional
+# dependency would buy nothing here.
+INT8_PACKED_MAX_ROWS = 8
+INT4_PACKED_MAX_ROWS = 128
+INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+SCALE_DTYPE = torch.bfloat16
+_ROW_CHUNK = 8192  # quantise this many output rows at a time (a multiple of 64: see _pack_int4)
+
+
+def quantize(w: Tensor, bits: int, group: int = 64) -> tuple[Tensor, Tensor]:
+    """Float weight [..., N, K] -> (data, scales) as described above. Rows are done in chunks so
+    that the float32 working copy of even a 100k-row LM head stays small."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, not {bits}")
+    *lead, N, K = w.shape
+    if bits == 4 and (group not in INT4_GROUPS or K % group or N % 16):
+        raise ValueError(f"int4 needs the input size ({K}) divisible by the group size {group} (one of {INT4_GROUPS}) "
+                         f"and the output size ({N}) by 16")
+    flat = w.reshape(-1, N, K)
+    parts = [_quantize_rows(flat[:, i : i + _ROW_CHUNK], bits, group) for i in range(0, N, _ROW_CHUNK)]
+    data = torch.cat([p[0] for p in parts], 1).reshape(*lead, N, -1)
+    scales = torch.cat([p[1] for p in parts], -2 if bits == 4 else 1)
+    return data, scales.reshape(*lead, *scales.shape[1:])
+
+
+def _quantize_rows(w, bits, group):
+    # scales are rounded to bf16 first and the integers fitted to the rounded ones, so each weight
+    # stays within half a step of what it stands for
+    w = w.float()
+    if bits == 8:
+        scale = (w.abs().amax(-1).clamp(min=1e-12) / 127).to(SCALE_DTYPE)
+        return (w / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8), scale
+    E, N, K = w.shape
+    g = w.reshape(E, N, K // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(SCALE_DTYPE)  # asymmetric: each group's range onto 0..15
+    zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)  # the kernel reads  w = (q - 8) * scale + zero
+    q = ((g - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15).to(torch.int32).reshape(E, N, K)
+    data = torch.stack([_pack_int4(m) for m in q])
+    return data, torch.stack([scale, zero], -1).transpose(1, 2)  # [E, K/g, N, 2]
+
+
+def _pack_int4(q):
+    """[N, K] int32 values 0..15 -> [N, K/2] uint8 in the CPU kernel's layout: blocks of 64 rows,
+    each stored [K, 32] with rows j and j+32 in the low and high nibble of one byte; a tail of
+    N % 64 rows stored [K, tail/2] with row pairs (2i, 2i+1) in one byte. _unpack_int4 inverts it;
+    check_int4_layout() checks it against this torch build at load time."""
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def _unpack_int4(data):
+    *lead, N, half = data.shape
+    K, full = 2 * half, N // 64 * 64
+    flat = data.reshape(*lead, N * half)
+    main = flat[..., : full * half].reshape(*lead, full // 64, K, 32)
+    main = torch.cat([main & 15, main >> 4], -1).transpose(-1, -2).reshape(*lead, full, K)
+    tail = flat[..., full * half :].reshape(*lead, K, (N - full) // 2)
+    tail = torch.stack([tail & 15, tail >> 4], -1).reshape(*lead, K, N - full).transpose(-1, -2)
+    return torch.cat([main, tail], -2)
+
+
+def check_int4_layout():
+    """True when this torch packs int4 as _unpack_int4 reads it (checkpoints store the packed
+    bytes so that they can be memory-mapped; a torch that packs differently must re-quantize)."""
+    q = torch.arange(80 * 64, dtype=torch.int32).reshape(80, 64) * 7 % 16  # a 64-row block and a tail
+    return torch.equal(_unpack_int4(_pack_int4(q)), q.to(torch.uint8))
+
+
+def dequantize(data: Tensor, scales: Tensor, dtype=torch.float32) -> Tensor:
+    """(data, scales) -> the float weight [..., N, K] it stands for."""
+    if data.dtype == torch.int8:
+        return data.to(dtype) * scales.to(dtype)[..., None]
+    q = _unpack_int4(data)
+    *lead, N, K = q.shape
+    s = scales.to(dtype).transpose(-3, -2)  # [..., N, K/g, 2]
+    w = (q.reshape(*lead, N, s.shape[-2], -1).to(dtype) - 8) * s[..., :1] + s[..., 1:]
+    return w.reshape(*lead, N, K)
+
+
+def group_size(data, scales):
+    return 2 * data.shape[-1] // scales.shape[-3]
+
+
+def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ w.T (+ bias) for a quantized w. The packed kernels serve the few rows of
+    decoding on CPU (in bf16, where they are fast, whatever x's dtype); other cases dequantise.
+    CUDA has counterparts (_weight_int8pack_mm, _weight_int4pack_mm with its own tiled layout),
+    not used here: no GPU was at hand to check them on."""
+    x2 = x.reshape(-1, x.shape[-1])
+    int8 = data.dtype == torch.int8
+    if x.device.type == "cpu" and x2.shape[0] <= (INT8_PACKED_MAX_ROWS if int8 else INT4_PACKED_MAX_ROWS):
+        xs = x2.to(scales.dtype).contiguous()
+        if int8:
+            y = torch._weight_int8pack_mm(xs, data, scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(xs, data, group_size(data, scales), scales)
+        y = y.to(x.dtype)
+    else:
+        y = F.linear(x2, dequantize(data, scales, x.dtype))
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
+def linear(x, w, b=None):
+    """F.linear for a float weight or a quantized (data, scales) pair."""
+    return qlinear(x, *w, b) if isinstance(w, tuple) else F.linear(x, w, b)
+
+
+def num_experts(w):
+    return (w[0] if isinstance(w, tuple) else w).shape[0]
+
+
+def pick(w, e):
+    """Expert e's weight (a view) from a stacked float or quantized weight; None stays None."""
+    if w is None:
+        return None
+    return tuple(t[e] for t in w) if isinstance(w, tuple) else w[e]
+
+
+@torch.library.custom_op("medmoe::expert_qmm", mutates_args=())
+def _expert_qmm(x: Tensor, data: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
+    """Row r of x through quantized expert ids[r]: x [R, K] -> [R, N], rows in any order. Opaque
+    to torch.compile (one node, whatever the routing), so decoding stays one graph."""
+    out = x.new_empty(x.shape[0], data.shape[-2])
+    for e in ids.unique().tolist():
+        rows = (ids == e).nonzero().squeeze(1)
+        w = data[e] if data[e].data_ptr() % 64 == 0 else data[e].clone()  # the kernels want 64-byte alignment
+        out[rows] = qlinear(x[rows], w, scales[e])
+    return out
+
+
+@_expert_qmm.register_fake
+def _(x, data, scales, ids):
+    return x.new_empty(x.shape[0], data.shape[-2])

@@ -9,11 +9,12 @@ The last part loads weights: our own checkpoints (config.json + model.safetensor
 conversion from Hugging Face CLIP/SigLIP/LLM/LLaVA and released Med-MoE/MoE-LLaVA layouts.
 """
 
+import ctypes
 import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -101,12 +102,23 @@ class MoEConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Weight-only quantization of every large matrix (kernels.py says how it is stored and run):
+    attention, FFNs, experts, meta expert, projector and LM head; the router, norms and
+    embeddings stay in floating point."""
+    bits: int = 8  # 8: int8 with a scale per output channel; 4: int4 with a scale and zero per group
+    group_size: int = 64  # int4: consecutive inputs sharing one scale (32, 64, 128 or 256)
+    vision: bool = False  # also the vision tower's matrices
+
+
+@dataclass
 class Config:
     llm: LLMConfig
     vision: VisionConfig | None = None
     projector: str = "mlp2x_gelu"  # mlp2x_gelu | linear
     moe: MoEConfig | None = None
     template: str = "phi"  # conversation template (data.py)
+    quant: QuantConfig | None = None
 
     def to_dict(self):
         return asdict(self)
@@ -128,6 +140,7 @@ class Config:
             projector=d.get("projector", "mlp2x_gelu"),
             moe=build(MoEConfig, d.get("moe")),
             template=d.get("template", "phi"),
+            quant=build(QuantConfig, d.get("quant")),
         )
 
 
@@ -353,9 +366,25 @@ class Experts(nn.Module):
             if getattr(self, name) is not None:
                 getattr(self, name).copy_(src.expand_as(getattr(self, name)))
 
+    def quantize(self, q: "QuantConfig"):
+        """Each stacked matrix becomes a (data, scales) pair of buffers, quantized per expert."""
+        for name in ("up_proj", "gate_proj", "down_proj"):
+            w = getattr(self, name)
+            if w is not None:
+                data, scales = kernels.quantize(w.detach(), q.bits, q.group_size)
+                delattr(self, name)
+                self.register_buffer(name, data)
+                self.register_buffer(f"{name}_scales", scales)
+
+    def weight(self, name):
+        """A stacked weight as kernels.moe_mlp takes it: a tensor, or (data, scales) if quantized."""
+        w = getattr(self, name)
+        scales = getattr(self, f"{name}_scales", None)
+        return w if scales is None or w is None else (w, scales)
+
     def forward(self, x, expert_idx, expert_weight, impl="auto"):
         return kernels.moe_mlp(
-            x, expert_idx, expert_weight, self.up_proj, self.down_proj, w_gate=self.gate_proj,
+            x, expert_idx, expert_weight, self.weight("up_proj"), self.weight("down_proj"), w_gate=self.weight("gate_proj"),
             b_in=self.up_bias, b_out=self.down_bias, act=self.act, impl=impl,
         )
 
@@ -668,6 +697,66 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ----------------------------------------------------------------------------- weight-only quantization
+
+
+class QuantLinear(nn.Module):
+    """A frozen nn.Linear whose weight is int8 or int4 (kernels.py): `weight` holds the integers
+    and `scales` how to read them back, so a checkpoint stores exactly what the kernel reads."""
+
+    def __init__(self, data, scales, bias=None):
+        super().__init__()
+        self.register_buffer("weight", data)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return kernels.qlinear(x, self.weight, self.scales, self.bias)
+
+
+def quantize(model: MedMoE, q: QuantConfig):
+    """Quantize a float model in place (on the meta device too: that builds a quantized
+    checkpoint's structure before its tensors are loaded). Every nn.Linear but the routers, and
+    every stacked expert weight; the vision tower only if q.vision. A tied LM head becomes its own
+    quantized matrix: the embedding stays float, and decoding reads one row of it per token."""
+    if model.cfg.quant is not None:
+        raise MedMoEError(f"the model is already quantized (int{model.cfg.quant.bits}): quantize from its float checkpoint")
+    if q.bits not in (4, 8) or (q.bits == 4 and q.group_size not in kernels.INT4_GROUPS):
+        raise MedMoEError(f"quantization: bits 8, or 4 with a group size in {kernels.INT4_GROUPS} (got {q.bits}, {q.group_size})")
+    frozen_float = set() if q.vision or model.vision is None else set(model.vision.modules())
+    for name, m in list(model.named_modules()):
+        if m in frozen_float:
+            continue
+        try:
+            if isinstance(m, Experts):
+                m.quantize(q)
+            for child_name, child in list(m.named_children()):
+                if isinstance(child, nn.Linear) and not (isinstance(m, MoE) and child_name == "router"):
+                    bias = None if child.bias is None else child.bias.detach()
+                    setattr(m, child_name, QuantLinear(*kernels.quantize(child.weight.detach(), q.bits, q.group_size), bias))
+        except ValueError as e:
+            raise MedMoEError(f"cannot quantize {name or 'the model'}: {e}") from None
+    model.cfg.quant = q
+    model.cfg.llm.tie_embeddings = False
+    return model
+
+
+def decode_bytes(model: MedMoE):
+    """Weight bytes read to decode one token (batch 1): the LLM's tensors, but one row of the
+    embedding table and top_k of the E experts. Over the memory bandwidth, this is the fastest
+    decoding the hardware allows."""
+    total = 0
+    for name, t in model.llm.state_dict(keep_vars=True).items():
+        n = t.numel() * t.element_size()
+        if name == "embed.weight":
+            n = t.shape[1] * t.element_size()
+        elif ".experts." in name:
+            moe = model.cfg.moe
+            n = n * moe.top_k // moe.num_experts
+        total += n
+    return total
+
+
 def count_params(model: MedMoE):
     """Total and per-token activated parameters. A token runs top_k of the E experts in an MoE
     layer *plus* the meta expert, so the meta expert counts as activated; top-1 + meta thus
@@ -680,8 +769,9 @@ def count_params(model: MedMoE):
             "llm_active": llm_active, "total": n(model)}
 
 
-def describe(model: MedMoE):
-    """The `medmoe info` text: architecture and parameter counts."""
+def describe(model: MedMoE, directory=None):
+    """The `medmoe info` text: architecture, parameter counts, how the weights are stored (and
+    their size on disk, given the checkpoint directory) and how many bytes decoding reads."""
     c, v, moe = model.cfg.llm, model.cfg.vision, model.cfg.moe
     p = count_params(model)
     B = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
@@ -706,6 +796,15 @@ def describe(model: MedMoE):
     note = " (the meta expert runs for every token, so it counts as activated)" if moe and moe.meta_expert else ""
     lines.append(f"activated   {B(p['llm_active'])} per token in the LLM{note}; "
                  f"{B(p['llm_active'] + p['vision'] + p['projector'])} with vision tower and projector")
+    q = model.cfg.quant
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values() if t.is_floating_point() and not t.is_meta})
+    stored = f"int{q.bits}" + (f" (groups of {q.group_size})" if q.bits == 4 else " (per channel)") if q else "float"
+    stored += f"{'' if not q or q.vision else ', vision tower float'}" + (f"; float tensors {'/'.join(dtypes)}" if dtypes else "")
+    weights = os.path.join(directory or "", "model.safetensors")
+    if directory and os.path.isfile(weights):
+        stored += f"; {os.path.getsize(weights) / 2**30:.2f} GiB on disk"
+    lines.append(f"weights     {stored}")
+    lines.append(f"decoding    reads {decode_bytes(model) / 2**30:.3f} GiB of weights per token (batch 1)")
     return "\n".join(lines)
 
 
@@ -715,6 +814,7 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def read_safetensors(path):
@@ -784,11 +884,14 @@ def expected_tensors(model):
 
 def check_tensors(model, tensors, where):
     expected = expected_tensors(model)
+    state = model.state_dict()
     for name, shape in expected.items():
         if name not in tensors:
             raise MedMoEError(f"{where}: missing tensor {name!r} (expected shape {shape})")
         if tuple(tensors[name].shape) != shape:
             raise MedMoEError(f"{where}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        if tensors[name].is_floating_point() != state[name].is_floating_point():  # quantized data are integers
+            raise MedMoEError(f"{where}: tensor {name!r} is {tensors[name].dtype}, expected {state[name].dtype}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise MedMoEError(f"{where}: unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
@@ -810,11 +913,15 @@ def load_config(directory):
     return Config.from_dict(d)
 
 
+def cast(name, t, dtype):
+    """Cast a floating tensor to dtype, except routers (they stay fp32, see MoE.route) and
+    quantization scales (bf16, what the kernels read)."""
+    keep = dtype is None or not t.is_floating_point() or ".router." in name or name.endswith("scales")
+    return t if keep else t.to(dtype)
+
+
 def cast_tensors(tensors, dtype):
-    """Cast floating tensors to dtype, except routers: they stay fp32 (see MoE.route)."""
-    if dtype is None:
-        return tensors
-    return {k: (v.to(dtype) if v.is_floating_point() and ".router." not in k else v) for k, v in tensors.items()}
+    return {k: cast(k, v, dtype) for k, v in tensors.items()}
 
 
 def reset_buffers(model, device=None):
@@ -824,20 +931,33 @@ def reset_buffers(model, device=None):
             m.reset_buffers(device)
 
 
-def load_model(directory, dtype=None, device="cpu"):
-    """Load a medmoe checkpoint directory. Tensors are memory-mapped when no cast is needed."""
-    cfg = load_config(directory)
+def empty_model(cfg):
+    """The model of a config on the meta device (no memory), quantized if the config says so."""
     with torch.device("meta"):
-        model = MedMoE(cfg)
+        model = MedMoE(replace(cfg, quant=None))
+        return quantize(model, cfg.quant) if cfg.quant else model
+
+
+def load_model(directory, dtype=None, device="cpu", quant=None):
+    """Load a medmoe checkpoint directory. Tensors are memory-mapped when no cast is needed.
+    quant: quantize a float checkpoint on the fly (a QuantConfig)."""
+    cfg = load_config(directory)
+    if cfg.quant and cfg.quant.bits == 4 and not kernels.check_int4_layout():
+        raise MedMoEError(f"{directory}: this torch packs int4 weights differently: re-run `medmoe convert --quantize int4`")
+    model = empty_model(cfg)
     path = os.path.join(directory, "model.safetensors")
     if not os.path.exists(path):
         raise MedMoEError(f"{directory}: missing weights file model.safetensors")
     tensors = read_safetensors(path)
     check_tensors(model, tensors, path)
+    # quantized kernels need 64-byte aligned weights: copy the odd one a file left unaligned
+    tensors = {k: v.clone() if not v.is_floating_point() and v.data_ptr() % 64 else v for k, v in tensors.items()}
     model.load_state_dict(cast_tensors(tensors, dtype), strict=not cfg.llm.tie_embeddings, assign=True)
     if cfg.llm.tie_embeddings:
         model.llm.lm_head.weight = model.llm.embed.weight
     reset_buffers(model)
+    if quant is not None:
+        quantize(model, quant)
     return model.to(device).eval()
 
 
@@ -852,13 +972,41 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_checkpoint(cfg, tensors, directory, tokenizer_json=None):
-    """config.json + model.safetensors (+ tokenizer.json), each file replaced atomically."""
-    from safetensors.torch import save_file
+def write_safetensors(path, tensors, get=None):
+    """Write a .safetensors file tensor by tensor. tensors: name -> tensor, or a meta tensor
+    (dtype and shape only) whose data get(name) makes when its turn comes. Written by hand
+    because safetensors' save_file wants every tensor in memory at once: converting a 6B model
+    would then need all of it (12.9 GB in bf16) besides its source.
+    Every tensor whose size is a multiple of 64 bytes goes first, 64-byte aligned in the file, so
+    that memory-mapped it is aligned as the quantized kernels need (they crash otherwise); the
+    rest follow by falling element size, as safetensors orders them, to keep their alignment."""
+    odd = lambda t: t.numel() * t.element_size() % 64 != 0
+    order = sorted(tensors, key=lambda k: (odd(tensors[k]), -tensors[k].element_size() if odd(tensors[k]) else 0))
+    header, offset = {}, 0
+    for name in order:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 64)  # the tensor data starts 64-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in order:
+            spec = tensors[name]
+            t = (get(name) if get else spec).detach().contiguous().cpu()
+            if t.dtype != spec.dtype or t.shape != spec.shape:
+                raise MedMoEError(f"{path}: tensor {name!r} came out {t.dtype} {tuple(t.shape)}, expected {spec.dtype} {tuple(spec.shape)}")
+            if t.numel():
+                f.write((ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr()))  # no copy
 
+
+def save_checkpoint(cfg, tensors, directory, tokenizer_json=None, get=None):
+    """config.json + model.safetensors (+ tokenizer.json), each file replaced atomically
+    (tensors and get as in write_safetensors)."""
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, "model.safetensors"), lambda p: write_safetensors(p, tensors, get))
     config = json.dumps(cfg.to_dict(), indent=2).encode()
     atomic_write(os.path.join(directory, "config.json"), lambda p: write_bytes(p, config))
     if tokenizer_json and os.path.abspath(tokenizer_json) != os.path.abspath(os.path.join(directory, "tokenizer.json")):
@@ -1027,7 +1175,10 @@ def split_component(key):
 
 
 def convert_tensors(tensors, where, only=None):
-    """Rename a source state dict to ours, stacking per-expert tensors into Experts fields."""
+    """Rename a source state dict to ours. Per-expert tensors are stacked into Experts fields
+    only when written: the result holds a meta tensor of the stacked shape, and `stacks` its
+    parts (a released MoE holds billions of expert weights: stacking them all up front would
+    copy them all into memory). Returns (tensors, stacks)."""
     rules = {"vision": VISION_KEYS, "llm": LLM_KEYS, "projector": PROJECTOR_KEYS}
     out, experts = {}, {}
     for key, t in tensors.items():
@@ -1045,9 +1196,10 @@ def convert_tensors(tensors, where, only=None):
             experts.setdefault(f"{part}.{e.group(1)}.experts.{field_name}", {})[int(e.group(3))] = t
         else:
             out[f"{part}.{name}"] = t
-    for name, per_expert in experts.items():
-        out[name] = torch.stack([per_expert[i] for i in sorted(per_expert)])
-    return out
+    stacks = {name: [per_expert[i] for i in sorted(per_expert)] for name, per_expert in experts.items()}
+    for name, parts in stacks.items():
+        out[name] = torch.empty(len(parts), *parts[0].shape, dtype=parts[0].dtype, device="meta")
+    return out, stacks
 
 
 def read_json(path, required=True):
@@ -1081,27 +1233,89 @@ def find_tokenizer(*dirs):
     return None
 
 
-def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, dtype=None, feature_layer=-2,
-            template=None, max_seq_len=None, seed=0):
+def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, ours=None, dtype=None, quant=None,
+            feature_layer=-2, template=None, max_seq_len=None, seed=0):
     """Write a medmoe checkpoint directory from one of:
     llm + vision: Hugging Face decoder and CLIP/SigLIP directories; the projector is freshly
-      initialised (seeded), ready for stage 1;
+      initialised (seeded), ready for stage 1. llm may be a GGUF file (convert.py) instead, and
+      then vision may be left out for a text-only model;
     llava: a Hugging Face LlavaForConditionalGeneration directory;
     medmoe: a released Med-MoE / MoE-LLaVA directory (stage 2 dense or stage 3 MoE); its saved
-      CLIP tower is used unless vision is given.
-    Returns the model on the meta device (for `describe`)."""
-    if sum(x is not None for x in (llm, llava, medmoe)) != 1:
-        raise MedMoEError("give exactly one of --llm (with --vision), --llava or --medmoe")
-    for d in (vision, llm, llava, medmoe):
+      CLIP tower is used unless vision is given;
+    ours: one of our own checkpoints, to cast or quantize it.
+    dtype casts the floating tensors; quant (a QuantConfig) quantizes (see `quantize`).
+    Returns the written model on the meta device (for `describe`)."""
+    if sum(x is not None for x in (llm, llava, medmoe, ours)) != 1:
+        raise MedMoEError("give exactly one of --llm (with --vision), --llava, --medmoe or --model")
+    for d in (vision, llava, medmoe, ours):
         if d is not None and not os.path.isdir(d):
             raise MedMoEError(f"{d}: not a directory")
+    stacks, tokenizer = {}, None
+    if ours is not None:
+        cfg = load_config(ours)
+        if cfg.quant and quant:
+            raise MedMoEError(f"{ours} is already quantized (int{cfg.quant.bits}): quantize from its float checkpoint")
+        tensors, tokenizer = read_safetensors(os.path.join(ours, "model.safetensors")), find_tokenizer(ours)
+    elif llm is not None and os.path.isfile(llm):
+        cfg, tensors = gguf_checkpoint(out_dir, llm, vision, feature_layer, template, max_seq_len, seed)
+        tokenizer = os.path.join(out_dir, "tokenizer.json")
+    elif llm is not None and not os.path.isdir(llm):
+        raise MedMoEError(f"{llm}: no such directory or GGUF file")
+    else:
+        cfg, tensors, stacks = hf_checkpoint(vision, llm, llava, medmoe, feature_layer, template, max_seq_len, seed)
+        tokenizer = find_tokenizer(llm or llava or medmoe, vision)
+    check_tensors(empty_model(cfg), tensors, ours or llm or llava or medmoe)
+    fetch = lambda name: torch.stack(stacks[name]) if name in stacks else tensors[name]
+    return write_converted(cfg, tensors, fetch, out_dir, tokenizer, dtype, quant)
+
+
+def write_converted(cfg, tensors, fetch, out_dir, tokenizer_json=None, dtype=None, quant=None):
+    """Write a checkpoint of cfg tensor by tensor: each is fetched, cast and, with quant, quantized
+    just before it is written, so memory peaks at about one tensor (plus what the source maps)
+    whatever the model's size. tensors gives each source tensor's dtype and shape (meta tensors
+    will do); fetch(name) makes it. Returns the written model on the meta device."""
+    model = empty_model(replace(cfg, llm=replace(cfg.llm)))
+    if quant is not None:
+        quantize(model, quant)
+        dtype = dtype or torch.bfloat16  # the quantized kernels compute in bf16
+    state, keep = model.state_dict(), expected_tensors(model)
+    names = [k for k in state if k in keep]
+    source = lambda name: name if name in tensors else "llm.embed.weight"  # a quantized tied head
+    specs, scales_of, pending = {}, {}, {}
+    for i, name in enumerate(names):
+        if quant is not None and not state[name].is_floating_point():  # to quantize: the data, then its scales
+            scales_of[name] = names[i + 1]
+            specs[name], specs[names[i + 1]] = state[name], state[names[i + 1]]
+        elif name not in specs:  # (an already quantized source passes through)
+            specs[name] = cast(name, tensors[source(name)].to("meta"), dtype)
+
+    data_of = {v: k for k, v in scales_of.items()}
+
+    def get(name):  # the file may ask for a weight's scales first: what is made but not asked for waits
+        if name in pending:
+            return pending.pop(name)
+        weight = data_of.get(name, name)
+        t = fetch(source(weight))
+        if weight not in scales_of:
+            return cast(name, t, dtype)
+        made = dict(zip((weight, scales_of[weight]), kernels.quantize(t, quant.bits, quant.group_size)))
+        out = made.pop(name)
+        pending.update(made)
+        return out
+
+    save_checkpoint(model.cfg, specs, out_dir, tokenizer_json, get)
+    return model
+
+
+def hf_checkpoint(vision, llm, llava, medmoe, feature_layer, template, max_seq_len, seed):
+    """(config, tensors, stacks) of a Hugging Face / LLaVA / released Med-MoE source (see convert)."""
     src = llm or llava or medmoe
     hf = read_json(os.path.join(src, "config.json"))
-    tensors = convert_tensors(read_weights(src), src, only=None if (llava or medmoe) else {"llm"})
+    tensors, stacks = convert_tensors(read_weights(src), src, only=None if (llava or medmoe) else {"llm"})
     vis_hf = read_json(os.path.join(vision, "config.json")) if vision else None
     if vision:
         tensors = {k: v for k, v in tensors.items() if not k.startswith("vision.")}
-        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"}))
+        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"})[0])
     if llava:
         if hf.get("model_type") != "llava":
             raise MedMoEError(f"{llava}: model_type {hf.get('model_type')!r} is not llava")
@@ -1125,19 +1339,39 @@ def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, dtype=No
     template = template or default_template(llm_cfg.arch, src, llm)
     cfg = Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe, template=template,
                  projector=hf.get("image_projector_type") or hf.get("mm_projector_type") or "mlp2x_gelu")
-    # keep only the vision layers the features come from
-    tensors = {k: v for k, v in tensors.items() if not (k.startswith("vision.layers.") and int(k.split(".")[2]) >= cfg.vision.num_layers)}
+    return cfg, with_projector(cfg, tensors, seed), stacks
+
+
+def gguf_checkpoint(out_dir, path, vision, feature_layer, template, max_seq_len, seed):
+    """(config, tensors) of a GGUF decoder (convert.py), with a CLIP/SigLIP tower and a fresh
+    projector when vision is given; writes its tokenizer.json into out_dir."""
+    import convert as outside
+
+    llm_cfg, tensors, tokenizer_json, gguf_template = outside.gguf_llm(path, max_seq_len)
+    vis = None
+    if vision:
+        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"})[0])
+        pre = read_json(os.path.join(vision, "preprocessor_config.json"), required=False)
+        vis = hf_vision_config(read_json(os.path.join(vision, "config.json")), pre, feature_layer)
+    cfg = Config(llm=llm_cfg, vision=vis, template=template or gguf_template)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: write_bytes(p, tokenizer_json.encode()))
+    return cfg, with_projector(cfg, tensors, seed)
+
+
+def with_projector(cfg, tensors, seed):
+    """Keep only the vision layers the features come from and drop a tied LM head; give a model
+    that has no projector yet a fresh one (nn.Linear's default init, seeded, as LLaVA's stage 1)."""
+    if cfg.vision:
+        unused = lambda k: k.startswith("vision.layers.") and int(k.split(".")[2]) >= cfg.vision.num_layers
+        tensors = {k: v for k, v in tensors.items() if not unused(k)}
     if cfg.llm.tie_embeddings:
         tensors.pop("llm.lm_head.weight", None)
-    if not any(k.startswith("projector.") for k in tensors):
-        torch.manual_seed(seed)  # nn.Linear's default init, as LLaVA's stage 1 starts
+    if cfg.vision and not any(k.startswith("projector.") for k in tensors):
+        torch.manual_seed(seed)
         projector = make_projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size)
         tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
-    with torch.device("meta"):
-        model = MedMoE(cfg)
-    check_tensors(model, tensors, src)
-    save_checkpoint(cfg, cast_tensors(tensors, dtype), out_dir, find_tokenizer(src, llm, vision))
-    return model
+    return tensors
 
 
 def medmoe_moe_config(hf, tensors):

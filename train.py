@@ -163,6 +163,8 @@ def setup_dist():
 def build_model(a: TrainArgs, source, fresh):
     """Load `source`; a fresh stage 3 upcycles it and installs the stage-2 router."""
     model = medmoe.load_model(source, dtype=torch.float32)
+    if model.cfg.quant is not None:
+        raise MedMoEError(f"{source}: a quantized checkpoint is for inference only: train from its float checkpoint")
     if a.stage == 3 and fresh:
         if model.cfg.moe is not None:
             raise MedMoEError(f"{source}: already a MoE model; stage 3 starts from a dense stage-2 model")

@@ -34,8 +34,9 @@ def find_model(path=None):
     raise MedMoEError("no model: pass --model DIR, set MEDMOE_MODEL, or build the demo model with `medmoe demo`")
 
 
-def pick_device(device=None, dtype=None):
-    """Default: the GPU in bf16 when there is one, else the CPU in fp32."""
+def pick_device(device=None, dtype=None, quantized=False):
+    """Default: the GPU in bf16 when there is one, else the CPU in fp32 (bf16 for a quantized
+    model: its kernels compute in bf16, and prefill dequantizes to the compute dtype)."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -43,7 +44,8 @@ def pick_device(device=None, dtype=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MedMoEError("--device cuda, but this machine has no usable CUDA GPU")
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else quantized
+        dtype = torch.bfloat16 if bf16 else torch.float32
     return device, dtype
 
 
@@ -53,11 +55,11 @@ class Assistant:
     image_mode: "pad" (default) prepares images as Med-MoE trains on them (stages 2-3);
     "crop" is what the authors' evaluation script does (CLIP resize + centre crop)."""
 
-    def __init__(self, directory, device=None, dtype=None, image_mode="pad", compile=None):
-        device, dtype = pick_device(device, dtype)
+    def __init__(self, directory, device=None, dtype=None, quant=None, image_mode="pad", compile=None):
+        device, dtype = pick_device(device, dtype, quantized=quant is not None or medmoe.load_config(directory).quant is not None)
         # compiling the decode step pays off on a GPU; on a CPU its ~20 s first call buys nothing
         compile = device.type == "cuda" if compile is None else compile
-        self.model = medmoe.load_model(directory, dtype=dtype, device=device)
+        self.model = medmoe.load_model(directory, dtype=dtype, device=device, quant=quant)
         self.tok = data.load_tokenizer(directory)
         self.template = data.get_template(self.model.cfg.template)
         self.stop = data.stop_ids(self.tok, self.template, self.model.cfg.llm.eos_ids)

@@ -1,0 +1,290 @@
+"""Weight-only int8/int4 quantization: the stored form against hand-checked bounds and torch's
+own int4 packer, every kernel path against the float computation on the dequantized weights
+(the oracle: a quantized layer must compute exactly what its dequantized float twin computes),
+quantized checkpoints written tensor by tensor, and their bad inputs."""
+
+import gc
+import json
+import os
+import weakref
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors import safe_open
+from torch._dynamo.utils import counters
+
+import cli
+import kernels
+import medmoe as M
+
+# Quantized layers run their matrix products in bf16 (what the packed CPU kernels are fast in):
+# against fp32 on the same dequantized weights, a few bf16 steps (2^-8 relative) of the output scale.
+BF16_TOL = 2e-2
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-12)).item()
+
+
+# ----------------------------------------------------------------------------- the stored form
+
+
+def test_int8_is_per_channel_and_within_half_a_step():
+    w = torch.randn(3, 40, 64) * torch.linspace(0.1, 10, 40)[:, None]  # rows of very different ranges
+    data, scales = kernels.quantize(w, 8)
+    assert data.dtype == torch.int8 and data.shape == w.shape and scales.shape == (3, 40)
+    assert data.abs().amax(-1).eq(127).all()  # each row's largest weight maps to +-127
+    err = (kernels.dequantize(data, scales) - w).abs()
+    assert (err <= scales.float()[..., None] * 0.5 + 1e-6).all()  # half a step of the stored (bf16) scale
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_groups_within_half_a_step(group):
+    w = torch.randn(2, 80, 128) + torch.linspace(-3, 3, 128)  # groups with offsets: zeros matter
+    data, scales = kernels.quantize(w, 4, group)
+    assert data.dtype == torch.uint8 and data.shape == (2, 80, 64) and scales.shape == (2, 128 // group, 80, 2)
+    q = kernels._unpack_int4(data)
+    assert q.max() <= 15 and (q == 0).any() and (q == 15).any()
+    step = scales[..., 0].float().transpose(-1, -2).repeat_interleave(group, -1)  # [2, 80, 128]
+    zero = scales[..., 1].float().transpose(-1, -2).repeat_interleave(group, -1)
+    err = (kernels.dequantize(data, scales) - w).abs()
+    assert (err <= step * 0.51 + zero.abs() * 2**-8 + 8 * step * 2**-8 + 1e-6).all()
+
+
+@pytest.mark.parametrize("N", [64, 80, 128, 48, 16])
+def test_int4_unpack_inverts_torchs_packer(N):
+    q = torch.randint(0, 16, (N, 96), dtype=torch.int32)
+    assert torch.equal(kernels._unpack_int4(kernels._pack_int4(q)), q.to(torch.uint8))
+    assert kernels.check_int4_layout()
+
+
+def test_unsupported_int4_shapes_are_value_errors():
+    with pytest.raises(ValueError, match="divisible by the group size"):
+        kernels.quantize(torch.randn(64, 48), 4, 32)
+    with pytest.raises(ValueError, match="group size"):
+        kernels.quantize(torch.randn(64, 64), 4, 16)
+    with pytest.raises(ValueError, match="by 16"):
+        kernels.quantize(torch.randn(40, 64), 4, 32)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 8, 200])  # packed kernel for few rows, dequantize + GEMM for many
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlinear_equals_float_linear_on_dequantized_weights(bits, rows, dtype):
+    data, scales = kernels.quantize(torch.randn(96, 128), bits, 32)
+    bias = torch.randn(96).to(dtype)
+    x = torch.randn(2, rows, 128).to(dtype)
+    got = kernels.qlinear(x, data, scales, bias)
+    want = F.linear(x.double(), kernels.dequantize(data, scales).double(), bias.double())
+    assert got.dtype == dtype and got.shape == (2, rows, 96)
+    assert rel_err(got, want) < BF16_TOL
+
+
+E, H, FF = 4, 64, 96
+
+
+def quantized_experts(bits, gated, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = {"w_in": torch.randn(E, FF, H, generator=g) / 8, "w_out": torch.randn(E, H, FF, generator=g) / 10,
+         "w_gate": torch.randn(E, FF, H, generator=g) / 8 if gated else None,
+         "b_in": torch.randn(E, FF, generator=g) if bias else None, "b_out": torch.randn(E, H, generator=g) if bias else None}
+    q = {k: kernels.quantize(v, bits, 32) if k.startswith("w") and v is not None else v for k, v in w.items()}
+    float_twin = {k: kernels.dequantize(*v) if isinstance(v, tuple) else v for k, v in q.items()}
+    return q, float_twin
+
+
+def routed(T, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    idx = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
+    return x, idx, torch.rand(T, k, generator=g)
+
+
+def moe(x, idx, weight, w, impl, fn=kernels.moe_mlp):
+    return fn(x, idx, weight, w["w_in"], w["w_out"], w_gate=w["w_gate"], b_in=w["b_in"], b_out=w["b_out"], act=F.silu, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "gather", "auto"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (5, 1), (64, 2)])
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True)])
+def test_every_dispatch_path_runs_quantized_experts(impl, bits, T, k, gated, bias):
+    q, float_twin = quantized_experts(bits, gated, bias)
+    x, idx, weight = routed(T, k)
+    with torch.no_grad():
+        assert rel_err(moe(x, idx, weight, q, impl), moe(x.double(), idx, weight.double(), {
+            n: None if v is None else v.double() for n, v in float_twin.items()}, "loop")) < BF16_TOL
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "gather"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compile_fullgraph_quantized_experts(impl, bits):
+    torch._dynamo.reset()
+    counters.clear()
+    q, _ = quantized_experts(bits, gated=True, bias=False)
+    compiled = torch.compile(lambda *a: moe(*a, q, impl), fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for T, k in ((1, 1), (3, 2)):
+            x, idx, weight = routed(T, k, seed=T)
+            assert rel_err(compiled(x, idx, weight), moe(x, idx, weight, q, impl)) < 1e-2
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_expert_qmm_opcheck():
+    data, scales = kernels.quantize(torch.randn(E, FF, H), 8)
+    torch.library.opcheck(kernels._expert_qmm, (torch.randn(5, H), data, scales, torch.tensor([2, 0, 2, 3, 0])))
+
+
+# ----------------------------------------------------------------------------- models and checkpoints
+
+LLM = dict(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+           max_seq_len=512, tie_embeddings=True, eos_ids=[1], **M.ARCHS["llama"])
+
+
+def tiny_model(moe=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = M.Config(llm=M.LLMConfig(**LLM), moe=M.MoEConfig(num_experts=4, top_k=1) if moe else None,
+                   vision=M.VisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4))
+    model = M.MedMoE(cfg).eval()
+    for p in model.parameters():  # the default init makes near-uniform logits; spread them out
+        p.data.normal_(0, 0.1)
+    return model
+
+
+def dequantized_twin(qmodel):
+    """The float model holding exactly the weights a quantized model stands for."""
+    twin = M.MedMoE(M.Config(**{**qmodel.cfg.__dict__, "quant": None})).eval()
+    sd = qmodel.state_dict()
+    state = {}
+    for name in twin.state_dict():
+        if name in sd and sd[name].is_floating_point():
+            state[name] = sd[name].float()
+        else:  # quantized: a QuantLinear's `weight` + `scales`, or an expert stack's `up_proj` + `up_proj_scales`
+            scales = sd[name[: -len("weight")] + "scales"] if name.endswith(".weight") else sd[name + "_scales"]
+            state[name] = kernels.dequantize(sd[name], scales)
+    twin.load_state_dict(state)
+    return twin
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_equals_its_dequantized_twin_and_stays_near_float(bits):
+    model = tiny_model()
+    ids = torch.randint(2, 256, (2, 20))
+    with torch.no_grad():
+        want_float = model.llm(model.llm.embed(ids))
+        qmodel = M.quantize(model, M.QuantConfig(bits=bits, group_size=32))
+        assert qmodel.cfg.llm.tie_embeddings is False
+        assert isinstance(qmodel.llm.lm_head, M.QuantLinear) and isinstance(qmodel.llm.layers[0].ffn.router, torch.nn.Linear)
+        assert qmodel.llm.layers[0].ffn.router.weight.dtype == torch.float32
+        assert isinstance(qmodel.projector[0], M.QuantLinear) and isinstance(qmodel.vision.layers[0].ffn.up_proj, torch.nn.Linear)
+        got = qmodel.llm(qmodel.llm.embed(ids))
+        twin = dequantized_twin(qmodel)
+        assert rel_err(got, twin.llm(twin.llm.embed(ids))) < BF16_TOL
+        cos = F.cosine_similarity(got.flatten(0, 1).float(), want_float.flatten(0, 1), -1)
+        assert cos.min() > (0.999 if bits == 8 else 0.95)
+
+
+def test_compiled_quantized_decoding_is_one_graph_and_matches_eager():
+    torch._dynamo.reset()
+    model = M.quantize(tiny_model(), M.QuantConfig(bits=4, group_size=32))
+    before = counters["stats"]["unique_graphs"]
+    for prompt in ([[5, 6, 7]], [[8, 9, 10, 11, 12, 13]]):
+        eager = model.generate(prompt, max_new_tokens=10, stop_ids=[])
+        assert model.generate(prompt, max_new_tokens=10, stop_ids=[], compile=True) == eager
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+@pytest.fixture
+def float_ckpt(tmp_path):
+    model = tiny_model()
+    M.save_model(model, tmp_path / "float")
+    return tmp_path / "float"
+
+
+def run(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("bits,extra", [(8, []), (4, ["--group-size", "32", "--quantize-vision"])])
+def test_convert_quantize_cli_writes_what_quantize_makes(tmp_path, float_ckpt, bits, extra):
+    out = tmp_path / "q"
+    result = run("convert", out, "--model", float_ckpt, "--quantize", f"int{bits}", *extra)
+    assert result.exit_code == 0, result.output
+    assert f"int{bits}" in result.output and "GiB on disk" in result.output
+    assert os.path.getsize(out / "model.safetensors") < os.path.getsize(float_ckpt / "model.safetensors") / (2.5 if bits == 8 else 4)
+    loaded = M.load_model(out)
+    assert loaded.cfg.quant == M.QuantConfig(bits=bits, group_size=32 if bits == 4 else 64, vision=bits == 4)
+    # the same as quantizing in memory: converting stores exactly what `quantize` makes
+    direct = M.quantize(M.load_model(float_ckpt), loaded.cfg.quant)
+    for name, t in direct.state_dict().items():  # (the float rest cast to bf16, as convert does when quantizing)
+        want = t.to(torch.bfloat16) if t.is_floating_point() and ".router." not in name else t
+        assert torch.equal(loaded.state_dict()[name], want), name
+    info = run("info", out)
+    assert info.exit_code == 0 and f"int{bits}" in info.output and "per token" in info.output
+
+
+def test_written_file_is_standard_safetensors_with_aligned_weights(tmp_path, float_ckpt):
+    run("convert", tmp_path / "q", "--model", float_ckpt, "--quantize", "int8")
+    path = tmp_path / "q" / "model.safetensors"
+    ours = M.read_safetensors(path)
+    with safe_open(path, "pt") as f:
+        assert set(f.keys()) == set(ours)
+        for k in ours:
+            assert torch.equal(f.get_tensor(k), ours[k])
+    header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    for k, v in ours.items():
+        if not v.is_floating_point():
+            assert (start + header[k]["data_offsets"][0]) % 64 == 0, k
+
+
+def test_on_the_fly_quantization_at_load(float_ckpt):
+    model = M.load_model(float_ckpt, quant=M.QuantConfig(bits=8))
+    assert model.cfg.quant.bits == 8 and model.llm.layers[1].attn.q_proj.weight.dtype == torch.int8
+
+
+def test_conversion_holds_one_source_tensor_at_a_time(tmp_path):
+    """write_converted fetches, quantizes and writes each tensor before fetching the next."""
+    model = tiny_model()
+    tensors = {k: v.to("meta") for k, v in model.state_dict().items() if k != "llm.lm_head.weight"}
+    alive, most = [], [0]
+
+    def fetch(name):
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        most[0] = max(most[0], len(alive))
+        t = model.state_dict()[name].clone()
+        alive.append(weakref.ref(t))
+        return t
+
+    M.write_converted(model.cfg, tensors, fetch, tmp_path / "q", quant=M.QuantConfig(bits=4, group_size=32))
+    assert most[0] <= 1
+    assert M.load_model(tmp_path / "q").cfg.quant.bits == 4
+
+
+def test_bad_quantization_inputs_are_one_line(tmp_path, float_ckpt):
+    def clean_error(result, *words):
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and all(w in result.output for w in words), result.output
+
+    run("convert", tmp_path / "q", "--model", float_ckpt, "--quantize", "int8")
+    clean_error(run("convert", tmp_path / "qq", "--model", tmp_path / "q", "--quantize", "int4"), "already quantized")
+    # a checkpoint whose scales are missing
+    tensors = M.read_safetensors(tmp_path / "q" / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v.clone() for k, v in tensors.items() if k != "llm.layers.0.attn.q_proj.scales"}, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(M.MedMoEError, match=r"missing tensor 'llm\.layers\.0\.attn\.q_proj\.scales'"):
+        M.load_model(tmp_path / "q")
+    # int4 on a matrix whose input size no group size divides
+    model = tiny_model()
+    model.cfg.llm.vocab_size = 256
+    M.save_model(M.MedMoE(M.Config(**{**model.cfg.__dict__, "vision": M.VisionConfig(
+        image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_layers=1, num_heads=4)})), tmp_path / "odd")
+    clean_error(run("convert", tmp_path / "q4", "--model", tmp_path / "odd", "--quantize", "int4"), "cannot quantize projector")
