@@ -357,8 +357,18 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
 
 
 def linear(x, w, b=None):
-    """F.linear for a float weight or a quantized (data, scales) pair."""
-    return qlinear(x, *w, b) if isinstance(w, tuple) else F.linear(x, w, b)
+    """F.linear for a float weight or a quantized (data, scales) pair. One bf16/fp16 row on CPU
+    under torch.compile (a decode step) is written as a row-wise dot product instead: inductor
+    makes it one vectorised kernel that reads each weight once and accumulates in fp32. oneDNN's
+    bf16 matrix-vector product is compute-bound at one row: measured on the 2-core AVX512/AMX CPU,
+    12 GB/s against 23 GB/s for the generated kernel (and 26 GB/s for MKL's fp32 product)."""
+    if isinstance(w, tuple):
+        return qlinear(x, *w, b)
+    one_row = x.shape[:-1].numel() == 1
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
+        y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
+        return (y if b is None else y + b.float()).to(x.dtype)
+    return F.linear(x, w, b)
 
 
 def num_experts(w):
