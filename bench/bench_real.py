@@ -88,8 +88,8 @@ def convert(src, out, dtype):
     start = time.perf_counter()
     if dtype == "fp32":
         medmoe.convert(out, ours=src, dtype=torch.float32)
-    else:
-        medmoe.convert(out, ours=src, quant=medmoe.QuantConfig(bits=int(dtype[3:]), group_size=64))
+    else:  # int8, int4, or int4+vision (the vision tower quantized too)
+        medmoe.convert(out, ours=src, quant=medmoe.QuantConfig(bits=int(dtype[3]), group_size=64, vision=dtype.endswith("+vision")))
     return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
 
 
@@ -120,14 +120,39 @@ def measure(ckpt, threads, new_tokens, bandwidth):
         model.encode_images(pixels)
         vision = time.perf_counter() - t0
     ttft, eager = answer(False)
+    peak_eager = peak_rss()  # before torch.compile, whose compiler holds a good deal of memory itself
     t0 = time.perf_counter()
     answer(True)  # compiles the decode step
     compile_s = time.perf_counter() - t0
     _, compiled = answer(True)
     limit = float(bandwidth) / medmoe.decode_bytes(model)
-    return {"size": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "peak_rss": peak_rss(), "load": load,
-            "vision": vision, "ttft": ttft, "eager": eager, "compiled": compiled, "compile_s": compile_s,
+    return {"size": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "peak_rss": peak_rss(), "peak_eager": peak_eager,
+            "load": load, "vision": vision, "ttft": ttft, "eager": eager, "compiled": compiled, "compile_s": compile_s,
             "decode_gb": medmoe.decode_bytes(model) / 1e9, "limit": limit}
+
+
+def memory(ckpt, threads):
+    """Peak resident memory answering once (eager: no compiler in the process), nothing else."""
+    torch.set_num_threads(int(threads))
+    model = medmoe.load_model(ckpt)
+    pixels = torch.randn(1, 3, 336, 336).to(model.llm.embed.weight.dtype)
+    model.generate([[medmoe.IMAGE_TOKEN] + list(range(100, 100 + QUESTION_TOKENS))], pixels, max_new_tokens=8, stop_ids=[])
+    return {"peak_rss": peak_rss()}
+
+
+def memory_table(shape, args, work):
+    """--memory-only: the peak memory of answering with int4 / int8 weights, vision tower float or int4."""
+    bf16 = os.path.join(work, f"{shape}-bf16")
+    worker("build", shape, bf16)
+    print(f"\n### {shape}: peak resident memory answering one question (eager), {args.threads} threads\n")
+    print("| weights | checkpoint | peak memory |\n|---|---|---|")
+    for dtype in args.dtypes.split(","):
+        ckpt = bf16 if dtype == "bf16" else os.path.join(work, f"{shape}-{dtype}")
+        if dtype != "bf16":
+            worker("convert", bf16, ckpt, dtype)
+        r = worker("memory", ckpt, args.threads)
+        print(f"| {dtype} | {os.path.getsize(os.path.join(ckpt, 'model.safetensors')) / GiB:.2f} GiB | {r['peak_rss'] / GiB:.2f} GiB |",
+              flush=True)
 
 
 def hf_dense(shape, threads, new_tokens):
@@ -233,8 +258,8 @@ def shape_table(shape, dtypes, args, bandwidth, work):
     built = worker("build", shape, bf16)
     print(f"built the random bf16 checkpoint in {built['seconds']:.0f} s, peak memory {built['peak_rss'] / GiB:.2f} GiB "
           f"(checkpoint {os.path.getsize(os.path.join(bf16, 'model.safetensors')) / GiB:.2f} GiB)\n")
-    print("| dtype | checkpoint | convert (peak memory) | peak memory answering | load | vision encode | first token "
-          "| decode eager | decode compiled | GB read / token | bandwidth limit | compiled / limit |")
+    print("| dtype | checkpoint | convert (peak memory) | peak memory answering (eager / with compile) | load | vision encode "
+          "| first token | decode eager | decode compiled | GB read / token | bandwidth limit | compiled / limit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for dtype in dtypes:
@@ -247,8 +272,8 @@ def shape_table(shape, dtypes, args, bandwidth, work):
         conv = worker("convert", bf16, ckpt, dtype) if dtype != "bf16" else None
         r = rows[dtype] = worker("measure", ckpt, args.threads, args.new_tokens, bandwidth * 1e9)
         conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)"
-        print(f"| {dtype} | {r['size'] / GiB:.2f} GiB | {conv_txt} | {r['peak_rss'] / GiB:.2f} GiB | {r['load']:.1f} s "
-              f"| {r['vision']:.1f} s | {r['ttft']:.1f} s | {r['eager']:.2f} tok/s | {r['compiled']:.2f} tok/s "
+        print(f"| {dtype} | {r['size'] / GiB:.2f} GiB | {conv_txt} | {r['peak_eager'] / GiB:.2f} / {r['peak_rss'] / GiB:.2f} GiB "
+              f"| {r['load']:.1f} s | {r['vision']:.1f} s | {r['ttft']:.1f} s | {r['eager']:.2f} tok/s | {r['compiled']:.2f} tok/s "
               f"| {r['decode_gb']:.2f} | {r['limit']:.2f} tok/s | {r['compiled'] / r['limit']:.0%} |", flush=True)
         if dtype not in ("bf16", "fp32"):
             medmoe_dir_cleanup(ckpt)
@@ -279,12 +304,14 @@ def main():
     p.add_argument("--new-tokens", type=int, default=16, help="decoded tokens timed per answer")
     p.add_argument("--rounds", type=int, default=3, help="SmolLM2: round-robin rounds")
     p.add_argument("--no-smollm", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only the peak memory of answering (eager), per --dtypes "
+                   "(int4+vision: the vision tower quantized too)")
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         cmd, *rest = args.worker
-        fn = {"build": build, "convert": convert, "measure": measure, "hf": hf_dense, "smollm": smollm}[cmd]
+        fn = {"build": build, "convert": convert, "measure": measure, "memory": memory, "hf": hf_dense, "smollm": smollm}[cmd]
         print(json.dumps(fn(*rest)))
         return
     print(f"# bench_real: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -292,6 +319,10 @@ def main():
     bandwidth = bandwidth_gbs(args.threads)
     print(f"\nmemory bandwidth (sum of a 2 GiB tensor, {args.threads} threads): {bandwidth:.1f} GB/s")
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        if args.memory_only:
+            for shape in args.shapes.split(","):
+                memory_table(shape, args, work)
+            return
         for shape in args.shapes.split(","):
             shape_table(shape, args.dtypes.split(","), args, bandwidth, work)
         if not args.no_smollm:
