@@ -244,7 +244,9 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #         [..., K/g, N, 2] = (scale, zero) per group of g inputs: w = (q - 8) * scale + zero
 # Scales are kept in bf16, the dtype the packed CPU kernels are fast in. Decoding (a few rows) uses
 # the kernels PyTorch ships; more rows (prefill, the vision tower) dequantise once per call and run
-# the float GEMM. Measured on the 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms):
+# the float GEMM. Measured on the 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms; it
+# stays in the 480 MiB L3: streamed from memory, int8/int4 decode read 10-11 GB/s against bf16's
+# 14, so the gaps below shrink to 1.5x/2.3x on a whole model, BENCHMARKS.md):
 #   rows M                                           1      8      64
 #   bf16 F.linear                                  0.97   1.03   1.66
 #   _weight_int8pack_mm, bf16 x                    0.76   1.84   8.78     (fp32 x: 4.05 at M=1)
@@ -389,7 +391,8 @@ def _expert_qmm(x: Tensor, data: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
     out = x.new_empty(x.shape[0], data.shape[-2])
     for e in ids.unique().tolist():
         rows = (ids == e).nonzero().squeeze(1)
-        w = data[e] if data[e].data_ptr() % 64 == 0 else data[e].clone()  # the kernels want 64-byte alignment
+        w = data[e]
+        w = w if w.data_ptr() % 64 == 0 else w.clone()  # the kernels want 64-byte alignment
         out[rows] = qlinear(x[rows], w, scales[e])
     return out
 
