@@ -1,5 +1,5 @@
-"""The `medmoe` command: parses arguments, calls medmoe.py, prints. Bad input is one line on
-stderr and exit status 1, never a traceback."""
+"""The `medmoe` command: parses arguments, calls the library (README: Architecture), prints.
+Bad input is one line on stderr and exit status 1, never a traceback."""
 
 import json
 import os
@@ -8,8 +8,10 @@ import click
 import torch
 
 import contrastive
+import convert as converter
 import data
 import medmoe
+from files import MedMoEError, read_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODALITIES = ",".join(contrastive.ContrastiveConfig.modalities)  # MedMoE's experts (the authors' code)
@@ -23,7 +25,7 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (medmoe.MedMoEError, OSError) as e:
+        except (MedMoEError, OSError) as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)
 
@@ -58,15 +60,73 @@ def convert(out, vision, llm, llava, medmoe_dir, model_dir, dtype, quantize, gro
     --vision/--llm/--llava/--medmoe/--model, or MedMoE (contrastive) from --swin and --bert."""
     if swin or bert:
         if not (swin and bert):
-            raise medmoe.MedMoEError("a MedMoE checkpoint needs both --swin and --bert")
-        model = contrastive.convert(out, swin, bert, split_list(modalities), seed)
-        click.echo(f"wrote {out}\n{contrastive.describe(model)}")
+            raise MedMoEError("a MedMoE checkpoint needs both --swin and --bert")
+        model = converter.convert_contrastive(out, swin, bert, split_list(modalities), seed)
+        click.echo(f"wrote {out}\n{describe_contrastive(model)}")
         return
     quant = quant_config(quantize, group_size, quantize_vision)
-    model = medmoe.convert(out, vision=vision, llm=llm, llava=llava, medmoe=medmoe_dir, ours=model_dir, dtype=DTYPES.get(dtype),
-                           quant=quant, feature_layer=feature_layer, template=template, max_seq_len=max_seq_len, seed=seed)
+    model = converter.convert(out, vision=vision, llm=llm, llava=llava, released=medmoe_dir, ours=model_dir, dtype=DTYPES.get(dtype),
+                                quant=quant, feature_layer=feature_layer, template=template, max_seq_len=max_seq_len, seed=seed)
     click.echo(f"wrote {out}")
-    click.echo(medmoe.describe(model, out))
+    click.echo(describe(model, out))
+
+
+def describe(model, directory=None):
+    """What `medmoe info` prints about a Med-MoE model: architecture, parameter counts, how the weights are stored (and
+    their size on disk, given the checkpoint directory) and how many bytes decoding reads."""
+    c, v, moe = model.cfg.llm, model.cfg.vision, model.cfg.moe
+    p = medmoe.count_params(model)
+    B = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
+    block = "parallel attention+FFN" if c.parallel_block else "sequential attention, FFN"
+    mlp = f"SwiGLU {c.intermediate_size}" if c.gated_mlp else f"{c.act} MLP {c.intermediate_size}"
+    lines = [
+        f"LLM         {c.arch}: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} kv), "
+        f"{block}, {c.norm}, {mlp}, rotary {c.rotary_pct:g} of head_dim {c.head_dim}, vocab {c.vocab_size}, "
+        f"context {c.max_seq_len}{', tied embeddings' if c.tie_embeddings else ''}",
+    ]
+    if v:
+        lines.append(f"vision      {v.kind}: {v.image_size}px / patch {v.patch_size} -> {v.num_patches} tokens x {v.hidden_size}, "
+                     f"{v.num_layers} layers kept (features of the last)")
+        lines.append(f"projector   {model.cfg.projector}")
+    if moe:
+        n_moe = len(model.llm.moe_layers())
+        meta = " + meta expert" if moe.meta_expert else ""
+        lines.append(f"MoE         {n_moe} of {c.num_layers} layers ({moe.layers}): {moe.num_experts} experts, top-{moe.top_k}{meta}, "
+                     f"weights {'renormalised' if moe.renormalize else 'softmax probabilities'}, "
+                     f"aux {moe.aux_loss_coef:g}, z {moe.z_loss_coef:g}")
+    lines.append(f"parameters  total {B(p['total'])} = LLM {B(p['llm'])} + vision {B(p['vision'])} + projector {B(p['projector'])}")
+    note = " (the meta expert runs for every token, so it counts as activated)" if moe and moe.meta_expert else ""
+    lines.append(f"activated   {B(p['llm_active'])} per token in the LLM{note}; "
+                 f"{B(p['llm_active'] + p['vision'] + p['projector'])} with vision tower and projector")
+    q = model.cfg.quant
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values() if t.is_floating_point() and not t.is_meta})
+    stored = "float"
+    if q:
+        head = max(q.bits, q.lm_head_bits)
+        stored = f"int{q.bits}" + (f" (groups of {q.group_size}), LM head int{head}" if q.bits == 4 else " (per channel)")
+    stored += f"{'' if not q or q.vision else ', vision tower float'}" + (f"; float tensors {'/'.join(dtypes)}" if dtypes else "")
+    weights = os.path.join(directory or "", "model.safetensors")
+    if directory and os.path.isfile(weights):
+        stored += f"; {os.path.getsize(weights) / 2**30:.2f} GiB on disk"
+    lines.append(f"weights     {stored}")
+    lines.append(f"decoding    reads {medmoe.decode_bytes(model) / 2**30:.3f} GiB of weights per token (batch 1)")
+    return "\n".join(lines)
+
+
+def describe_contrastive(model):
+    """What `medmoe info` prints: shapes, and parameters per part and per image."""
+    cfg = model.cfg
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    M = lambda x: f"{x / 1e6:.2f}M"
+    swin, expert, router, text = n(model.swin), n(model.experts[0]), n(model.router), n(model.text)
+    return "\n".join([
+        f"MedMoE (contrastive): Swin {cfg.swin.image_size} px, patch {cfg.swin.patch_size}, embed {cfg.swin.embed_dim}, "
+        f"depths {list(cfg.swin.depths)}, window {cfg.swin.window_size}; {len(cfg.modalities)} experts ({', '.join(cfg.modalities)}) "
+        f"of width {cfg.text.hidden_size}; BERT {cfg.text.num_layers} layers x {cfg.text.hidden_size}",
+        f"parameters  total {M(n(model))} = Swin {M(swin)} + experts {len(cfg.modalities)} x {M(expert)} + router {M(router)} "
+        f"+ text {M(text)}",
+        f"per image   {M(swin + expert + router)} run (Swin, router and the one chosen expert)",
+    ])
 
 
 def quant_config(name, group_size=64, vision=False):
@@ -78,11 +138,11 @@ def quant_config(name, group_size=64, vision=False):
 @click.argument("directory", type=click.Path())
 def info(directory):
     """Architecture, total parameters and parameters activated per token (or image)."""
-    if medmoe.read_json(os.path.join(directory, "config.json")).get("kind") == contrastive.KIND:
+    if read_json(os.path.join(directory, "config.json")).get("kind") == contrastive.KIND:
         with torch.device("meta"):
-            click.echo(contrastive.describe(contrastive.ContrastiveMedMoE(contrastive.load_config(directory))))
+            click.echo(describe_contrastive(contrastive.ContrastiveMedMoE(contrastive.load_config(directory))))
         return
-    click.echo(medmoe.describe(medmoe.empty_model(medmoe.load_config(directory)), directory))
+    click.echo(describe(medmoe.empty_model(medmoe.load_config(directory)), directory))
 
 
 @main.command()
@@ -103,12 +163,12 @@ def init(out, data_files, images, preset, template, kind, modalities, seed):
         examples = [ex for path in data_files for ex in data.load_examples(path, images)]
         texts = [t for ts in data.captions(examples).values() for t in ts]
         model = contrastive.init_model(out, texts, split_list(modalities), preset, seed)
-        click.echo(f"wrote {out}\n{contrastive.describe(model)}")
+        click.echo(f"wrote {out}\n{describe_contrastive(model)}")
         return
 
     model = trainer.init_model(out, list(data_files), images, preset, template, seed)
     click.echo(f"wrote {out}")
-    click.echo(medmoe.describe(model))
+    click.echo(describe(model))
 
 
 @main.command()
@@ -262,7 +322,7 @@ def chat(image, model_dir, device, image_mode, compile_, dtype, max_new_tokens):
                 continue
             try:
                 a.prompt(turns + [(question, None)])
-            except medmoe.MedMoEError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
+            except MedMoEError as e:  # e.g. the conversation outgrew the context: say so, keep chatting
                 click.echo(f"error: {e}", err=True)
                 continue
             click.echo("medmoe> ", nl=False)
@@ -288,7 +348,7 @@ def evaluate(data_file, images, model_dir, device, image_mode, compile_, dtype, 
 
     examples = data.load_examples(data_file, images)[:limit]
     if not examples:
-        raise medmoe.MedMoEError(f"{data_file}: no records")
+        raise MedMoEError(f"{data_file}: no records")
     a = assistant(model_dir, device, image_mode, compile_, dtype)
     scores = vqa.evaluate(a, examples, out, batch_size, max_new_tokens)
     click.echo(json.dumps(scores) if as_json else scorer.format_table(scores))
@@ -310,7 +370,7 @@ def route(images, data_file, images_dir, model_dir, device, image_mode, compile_
     import vqa
 
     if not images and not data_file:
-        raise medmoe.MedMoEError("give IMAGE files or --data FILE")
+        raise MedMoEError("give IMAGE files or --data FILE")
     examples = [data.Example(id=p, image=p, turns=[(question or "What is shown in this image?", None)]) for p in images]
     if data_file:
         examples += data.load_examples(data_file, images_dir)[:limit]
@@ -336,7 +396,7 @@ def contrastive_model(model_dir, device):
     dev, _ = vqa.pick_device(device)
     path = model_dir or os.environ.get("MEDMOE_MODEL")
     if not path:
-        raise medmoe.MedMoEError("no model: pass --model DIR (a MedMoE checkpoint) or set MEDMOE_MODEL")
+        raise MedMoEError("no model: pass --model DIR (a MedMoE checkpoint) or set MEDMOE_MODEL")
     model = contrastive.load_model(path, dtype=torch.float32, device=dev)
     return model, contrastive.load_wordpiece(path, model.cfg.text.max_tokens)
 
@@ -355,7 +415,7 @@ def classify(images, labels, data_files, images_dir, field, model_dir, device, i
     """Zero-shot classification of IMAGES (prompt ensembles per class) with the expert each was routed to;
     with --data, accuracy over labelled images and the router's modality accuracy."""
     if not images and not data_files:
-        raise medmoe.MedMoEError("give IMAGE files or --data FILE")
+        raise MedMoEError("give IMAGE files or --data FILE")
     model, tok = contrastive_model(model_dir, device)
     names = split_list(labels) if labels else list(model.cfg.modalities)
     paths, truth = list(images), [None] * len(images)
@@ -389,12 +449,14 @@ def classify(images, labels, data_files, images_dir, field, model_dir, device, i
 @click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True)
 def probe(train_files, test_files, images_dir, field, model_dir, device, image_mode):
     """Linear probe: a linear classifier on frozen global image embeddings, accuracy on held-out images."""
+    import train as trainer
+
     model, _ = contrastive_model(model_dir, device)
     train_paths, train_y = contrastive.labelled_images(train_files, images_dir, field)
     test_paths, test_y = contrastive.labelled_images(test_files, images_dir, field)
     train_x, _ = contrastive.embed_images(model, train_paths, image_mode)
     test_x, _ = contrastive.embed_images(model, test_paths, image_mode)
-    acc = contrastive.linear_probe(train_x, train_y, test_x, test_y)
+    acc = trainer.linear_probe(train_x, train_y, test_x, test_y)
     click.echo(f"linear probe ({field}): {acc:.1%} of {len(test_y)} held-out images ({len(train_y)} training images)")
 
 

@@ -10,8 +10,9 @@ Read top to bottom, it follows the data through the paper's Figure 2:
   global image embedding
   caption -> BERT (Bio_ClinicalBERT) -> word pieces summed into words (last 4 layers summed)
   -> GLoRIA's local (word-to-region) and global losses + the router's modality cross-entropy.
-The last part loads weights: our checkpoints, and Hugging Face SwinModel / BertModel ones.
-Swin and BERT match transformers number for number (tests/test_swin_parity.py, test_bert_parity.py).
+The last parts load and save our checkpoints and use the model (zero-shot classification);
+Hugging Face SwinModel / BertModel weights come in through convert.py, and match transformers
+number for number (tests/test_swin_parity.py, test_bert_parity.py).
 
 Reference code read for the semantics (facts only): GLoRIA, github.com/marshuang80/gloria, and
 the MedMoE authors' release, github.com/shivangchopra11/MedMoE (src/models/components/swin.py,
@@ -19,7 +20,6 @@ text_encoder.py, src/losses.py, configs/model/med-moe*.yaml).
 """
 
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -31,7 +31,8 @@ from tqdm import tqdm
 import data
 import kernels
 import medmoe
-from medmoe import HF_ACTS, Attention, FeedForward, MedMoEError, read_json, read_weights, rename
+from files import MedMoEError, read_json, read_safetensors
+from medmoe import Attention, FeedForward
 
 KIND = "medmoe-contrastive"  # config.json's marker: a MedMoE (Swin + experts + BERT) checkpoint
 
@@ -526,22 +527,6 @@ def gloria_loss(regions, img_emb, words, word_mask, sentence):
     return LOCAL_WEIGHT * local + GLOBAL_WEIGHT * sum(global_loss(img_emb, sentence))
 
 
-def describe(model: ContrastiveMedMoE):
-    """What `medmoe info` prints: shapes, and parameters per part and per image."""
-    cfg = model.cfg
-    n = lambda m: sum(p.numel() for p in m.parameters())
-    M = lambda x: f"{x / 1e6:.2f}M"
-    swin, expert, router, text = n(model.swin), n(model.experts[0]), n(model.router), n(model.text)
-    return "\n".join([
-        f"MedMoE (contrastive): Swin {cfg.swin.image_size} px, patch {cfg.swin.patch_size}, embed {cfg.swin.embed_dim}, "
-        f"depths {list(cfg.swin.depths)}, window {cfg.swin.window_size}; {len(cfg.modalities)} experts ({', '.join(cfg.modalities)}) "
-        f"of width {cfg.text.hidden_size}; BERT {cfg.text.num_layers} layers x {cfg.text.hidden_size}",
-        f"parameters  total {M(n(model))} = Swin {M(swin)} + experts {len(cfg.modalities)} x {M(expert)} + router {M(router)} "
-        f"+ text {M(text)}",
-        f"per image   {M(swin + expert + router)} run (Swin, router and the one chosen expert)",
-    ])
-
-
 # ----------------------------------------------------------------------------- weights: our checkpoints
 
 
@@ -561,7 +546,7 @@ def load_model(directory, dtype=None, device="cpu"):
         raise MedMoEError(f"{directory}: missing weights file model.safetensors")
     with torch.device("meta"):
         model = ContrastiveMedMoE(cfg)
-    load_tensors(model, medmoe.cast_tensors(medmoe.read_safetensors(path), dtype), path)
+    load_tensors(model, medmoe.cast_tensors(read_safetensors(path), dtype), path)
     return model.to(device).eval()
 
 
@@ -577,156 +562,7 @@ def save_model(model, directory, tokenizer_json=None):
     medmoe.save_checkpoint(model.cfg, model.state_dict(), directory, tokenizer_json)
 
 
-# ----------------------------------------------------------------------------- weights: conversion from Hugging Face
-
-
-def square(value, name):
-    """HF allows an int or an [h, w] pair; Swin checkpoints are square."""
-    if isinstance(value, int):
-        return value
-    if len(value) != 2 or value[0] != value[1]:
-        raise MedMoEError(f"non-square {name} {list(value)} is not supported")
-    return value[0]
-
-
-def swin_config_from_hf(hf, preprocessor=None) -> SwinConfig:
-    """SwinConfig from a HF Swin config.json dict (+ its preprocessor_config.json dict)."""
-    if hf.get("model_type") != "swin":
-        raise MedMoEError(f"unknown backbone architecture {hf.get('model_type')!r} (supported: swin)")
-    if hf.get("use_absolute_embeddings"):
-        raise MedMoEError("Swin with use_absolute_embeddings=true is not supported")
-    act = HF_ACTS.get(hf.get("hidden_act", "gelu"))
-    if act is None:
-        raise MedMoEError(f"unknown Swin activation {hf['hidden_act']!r}")
-    default, pre = SwinConfig(), preprocessor or {}
-    size = pre.get("size", hf.get("image_size", default.image_size))
-    if isinstance(size, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
-        size = [size["height"], size["width"]] if "height" in size else size["shortest_edge"]
-    return SwinConfig(
-        image_size=square(size, "image size"), patch_size=square(hf.get("patch_size", default.patch_size), "patch size"),
-        in_channels=hf.get("num_channels", default.in_channels), embed_dim=hf.get("embed_dim", default.embed_dim),
-        depths=hf.get("depths", default.depths), num_heads=hf.get("num_heads", default.num_heads),
-        window_size=hf.get("window_size", default.window_size), mlp_ratio=hf.get("mlp_ratio", default.mlp_ratio),
-        qkv_bias=hf.get("qkv_bias", default.qkv_bias), act=act, norm_eps=hf.get("layer_norm_eps", default.norm_eps),
-        mean=pre.get("image_mean", default.mean), std=pre.get("image_std", default.std),
-    )
-
-
-# HF key (after an optional "swin." prefix) -> ours, first match wins; None drops the tensor.
-# Both layouts are read: the one checkpoints are saved in (hub files and save_pretrained,
-# attention.self.query ...) and transformers 5's in-memory one (attention.q_proj ...).
-BLOCK = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
-OURS = r"stages.\1.blocks.\2."
-SWIN_KEYS = [
-    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"embeddings\.norm\.", "patch_embed.norm."),
-    (BLOCK + r"layernorm_before\.", OURS + "attn_norm."),
-    (BLOCK + r"layernorm_after\.", OURS + "ffn_norm."),
-    (BLOCK + r"attention\.(?:self\.query|q_proj)\.", OURS + "attn.q_proj."),
-    (BLOCK + r"attention\.(?:self\.key|k_proj)\.", OURS + "attn.k_proj."),
-    (BLOCK + r"attention\.(?:self\.value|v_proj)\.", OURS + "attn.v_proj."),
-    (BLOCK + r"attention\.(?:output\.dense|o_proj)\.", OURS + "attn.o_proj."),
-    (BLOCK + r"attention\.(?:self|relative_position_bias)\.relative_position_bias_table$", OURS + "position_bias.table"),
-    (BLOCK + r"attention\.(?:self|relative_position_bias)\.relative_position_index$", None),  # rebuilt, not loaded
-    (BLOCK + r"(?:intermediate\.dense|mlp\.fc1)\.", OURS + "ffn.up_proj."),
-    (BLOCK + r"(?:output\.dense|mlp\.fc2)\.", OURS + "ffn.down_proj."),
-    (r"encoder\.layers\.(\d+)\.downsample\.", r"stages.\1.merge."),
-    (r"layernorm\.", "norm."),
-    (r"classifier\.", None),  # SwinForImageClassification's head: MedMoE uses the features
-]
-
-
-def convert_swin(tensors, where):
-    """Rename a HF SwinModel / SwinForImageClassification state dict to Swin's names."""
-    out = {}
-    for key, t in tensors.items():
-        name = rename(key.removeprefix("swin."), SWIN_KEYS)
-        if name is False:
-            raise MedMoEError(f"{where}: unexpected tensor {key!r} (not a Swin checkpoint layout)")
-        if name is not None:
-            out[name] = t
-    return out
-
-
-def load_hf_swin(directory, dtype=None, device="cpu") -> Swin:
-    """A HF Swin checkpoint directory (config.json, weights, optional preprocessor_config.json)
-    as an eval-mode Swin. Tensors are memory-mapped when no cast is needed."""
-    hf = read_json(os.path.join(directory, "config.json"))
-    preprocessor = read_json(os.path.join(directory, "preprocessor_config.json"), required=False)
-    cfg = swin_config_from_hf(hf, preprocessor)
-    tensors = convert_swin(read_weights(directory), directory)
-    with torch.device("meta"):
-        model = Swin(cfg)
-    return load_tensors(model, medmoe.cast_tensors(tensors, dtype), directory).to(device).eval()
-
-
-# ----------------------------------------------------------------------------- Hugging Face BERT, tokenizers
-
-
-def text_config_from_hf(hf):
-    """TextConfig from a Hugging Face BERT config.json dict (Bio_ClinicalBERT's has no model_type)."""
-    if hf.get("model_type", "bert") != "bert":
-        raise MedMoEError(f"text encoder: model_type {hf['model_type']!r} is not bert")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise MedMoEError(f"text encoder: position_embedding_type {hf['position_embedding_type']!r} is not supported")
-    act = hf.get("hidden_act", "gelu")
-    if act not in HF_ACTS:
-        raise MedMoEError(f"text encoder: activation {act!r} is not supported")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf]
-    if missing:
-        raise MedMoEError(f"text encoder: config.json lacks {', '.join(missing)}")
-    return TextConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-        max_positions=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
-        norm_eps=hf.get("layer_norm_eps", 1e-12), act=HF_ACTS[act],
-    )
-
-
-# BertModel keys, after a prefix: "bert." (BertForMaskedLM / BertForPreTraining, as Bio_ClinicalBERT is
-# saved) or "text_model.model." (MedCLIP's checkpoint, which MedMoE's release loads its text weights from)
-BERT_PREFIX = r"(?:bert\.|text_model\.model\.)?"
-BERT_KEYS = [
-    (r"embeddings\.word_embeddings\.", "tok_embed."),
-    (r"embeddings\.position_embeddings\.", "pos_embed."),
-    (r"embeddings\.token_type_embeddings\.", "type_embed."),
-    (r"embeddings\.LayerNorm\.", "embed_norm."),
-    (r"embeddings\.position_ids", None),
-    (r"encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.attn.q_proj."),
-    (r"encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.attn.k_proj."),
-    (r"encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.attn.v_proj."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attn.o_proj."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attn_norm."),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.ffn.up_proj."),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.ffn.down_proj."),
-    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.ffn_norm."),
-    # unused: the pooler, MLM/NSP heads, and the rest of a MedCLIP checkpoint
-    (r"pooler\.|cls\.|vision_model\.|text_model\.projection_head|logit_scale", None),
-]
-
-
-def convert_bert(tensors, where):
-    """Rename a Hugging Face BERT state dict to TextEncoder's names."""
-    out = {}
-    for key, t in tensors.items():
-        rest = re.sub(f"^{BERT_PREFIX}", "", key)
-        name = rename(rest, BERT_KEYS)
-        if name is None:
-            continue
-        if name is False:
-            raise MedMoEError(f"{where}: unexpected tensor {key!r} (not a BERT layout)")
-        out[re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))] = t  # TF-era LayerNorm names
-    return out
-
-
-def load_hf_bert(directory):
-    """TextEncoder from a Hugging Face BERT directory (config.json + weights), frozen as the spec says."""
-    cfg = text_config_from_hf(read_json(os.path.join(directory, "config.json")))
-    with torch.device("meta"):
-        model = TextEncoder(cfg)
-    tensors = {k: v.float() for k, v in convert_bert(read_weights(directory), directory).items()}  # fp16 releases too
-    load_tensors(model, tensors, directory)
-    return model.eval().requires_grad_(False)
+# ----------------------------------------------------------------------------- tokenizers
 
 
 def load_wordpiece(directory, max_tokens=TextConfig.max_tokens):
@@ -767,20 +603,6 @@ def encode_captions(tokenizer, captions):
     mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.bool)
     pieces = torch.tensor([[t.startswith("##") for t in e.tokens] for e in enc], dtype=torch.bool)
     return ids, mask, pieces
-
-
-def convert(out, swin, bert, modalities=ContrastiveConfig.modalities, seed=0):
-    """A MedMoE checkpoint from a HF Swin (e.g. microsoft/swin-tiny-patch4-window7-224) and a HF BERT
-    (e.g. emilyalsentzer/Bio_ClinicalBERT); the experts and the router start random (seeded)."""
-    backbone, text = load_hf_swin(swin), load_hf_bert(bert)
-    torch.manual_seed(seed)
-    model = ContrastiveMedMoE(ContrastiveConfig(swin=backbone.cfg, text=text.cfg, modalities=tuple(modalities)))
-    model.swin.load_state_dict(backbone.state_dict())
-    model.text.load_state_dict(text.state_dict())
-    os.makedirs(out, exist_ok=True)
-    load_wordpiece(bert, text.cfg.max_tokens).save(os.path.join(out, "tokenizer.json"))
-    save_model(model, out)
-    return model
 
 
 # Shapes for models trained from scratch on a CPU (no pretrained Swin or BERT offline).
@@ -886,19 +708,3 @@ def zero_shot_scores(model, tokenizer, embeddings, labels, prompts=PROMPTS):
     (the mean of its prompts' unit sentence embeddings); softmax over cosine similarity x TEMP3."""
     classes = torch.stack([model.embed_texts(tokenizer, [p.format(name) for p in prompts]).mean(0) for name in class_names(labels)])
     return (F.normalize(embeddings, dim=-1) @ F.normalize(classes.cpu().float(), dim=-1).T * TEMP3).softmax(-1)
-
-
-def linear_probe(train_x, train_y, test_x, test_y, steps=500, seed=0):
-    """Accuracy of a linear classifier fitted on frozen embeddings (the trainer's router fit: full-batch
-    AdamW cross-entropy) on held-out ones."""
-    import train
-
-    classes = sorted(set(train_y))
-    unknown = sorted(set(test_y) - set(classes))
-    if unknown:
-        raise MedMoEError(f"test label {unknown[0]!r} never occurs in the probe's training images")
-    feats = torch.cat([train_x, test_x])
-    labels = torch.tensor([classes.index(y) for y in list(train_y) + list(test_y)])
-    held = torch.arange(len(feats)) >= len(train_x)
-    _, acc = train.fit_router(feats, labels, torch.arange(len(feats)), held, len(classes), steps, seed)
-    return acc["record_acc"]

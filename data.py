@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medmoe import IGNORE, IMAGE_TOKEN, MedMoEError, read_json
+from files import MedMoEError, read_json
+from medmoe import IGNORE, IMAGE_TOKEN
 
 # ----------------------------------------------------------------------------- records
 

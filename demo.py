@@ -30,7 +30,7 @@ from tqdm import tqdm
 import train as trainer
 import vqa
 from data import load_examples, load_image, read_records
-from medmoe import MedMoEError
+from files import MedMoEError
 from plots import heatmap
 
 MODALITIES = ("ct", "mri", "xray", "pathology")  # the router's labels, as in the shared VQA-RAD/PathVQA records

@@ -5,15 +5,13 @@ Read top to bottom, it follows the data through the paper's Figure 2:
   pixels -> VisionTower (CLIP/SigLIP ViT, frozen) -> Projector (mlp2x_gelu) -> spliced in
   place of <image> -> LLM blocks (attention + FFN, where every MoE layer's FFN is
   router -> top-k of `experts` + `meta_expert`) -> logits -> loss / generate.
-The last part loads weights: our own checkpoints (config.json + model.safetensors) and
-conversion from Hugging Face CLIP/SigLIP/LLM/LLaVA and released Med-MoE/MoE-LLaVA layouts.
+Then weight-only quantization, and loading and saving our own checkpoints (config.json +
+model.safetensors); conversion from other layouts is convert.py's.
 """
 
-import ctypes
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -22,13 +20,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import kernels
+from files import MedMoEError, atomic_write, read_json, read_safetensors, write_bytes, write_safetensors
 
 IMAGE_TOKEN = -200  # placeholder id for <image> in a prompt (LLaVA's IMAGE_TOKEN_INDEX)
 IGNORE = -100  # label of positions that are not supervised (image features, prompts, padding)
-
-
-class MedMoEError(Exception):
-    """A problem with the user's input: the CLI prints it as one line, never a traceback."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -86,6 +81,15 @@ class LLMConfig:
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_heads
 
+
+# What each supported `model_type` means for the decoder (the rest is read from its config).
+ARCHS = {
+    "phi": dict(norm="layernorm", act="gelu_tanh", gated_mlp=False, parallel_block=True,
+                qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True),
+    "stablelm": dict(norm="layernorm", act="silu", gated_mlp=True),
+    "qwen2": dict(norm="rmsnorm", act="silu", gated_mlp=True, qkv_bias=True),
+    "llama": dict(norm="rmsnorm", act="silu", gated_mlp=True),
+}
 
 @dataclass
 class MoEConfig:
@@ -419,7 +423,6 @@ class MoE(nn.Module):
             self.meta_expert = dense if dense is not None else FeedForward(H, Fh, cfg.act, cfg.gated_mlp, cfg.mlp_bias)
         if dense is not None:  # upcycling a stage-2 FFN: experts = copies, meta expert = the FFN itself
             self.experts.copy_from(dense)
-        self.router_logits = None  # last forward's [tokens, E], read by the loss and `route`
         self.reset_buffers(device)
 
     def reset_buffers(self, device=None):
@@ -437,17 +440,18 @@ class MoE(nn.Module):
         return logits, weight, idx
 
     def forward(self, x):
+        """-> (output, router logits [tokens, E]): the logits go back up for the aux losses and
+        the routing view, as transformers' output_router_logits returns them."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weight, idx = self.route(x)
-        self.router_logits = logits
         with torch.no_grad():
             # index_add_, not bincount: its output length is static, so no graph break under compile
             self.tokens_per_expert.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
         out = self.experts(x, idx, weight.to(x.dtype), impl=self.moe.dispatch)
         if self.meta_expert is not None:
             out = out + self.meta_expert(x)
-        return out.view(shape)
+        return out.view(shape), logits
 
 
 def load_balancing_loss(logits, top_k):
@@ -478,11 +482,17 @@ class Block(nn.Module):
             self.ffn = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.act, cfg.gated_mlp, cfg.mlp_bias)
 
     def forward(self, x, rope, mask, input_pos=None):
+        """-> (x, the router logits of an MoE layer, None for a dense one)."""
         h = self.attn_norm(x)
         if self.parallel:  # Phi-2: attention and FFN both read the same normed input
-            return x + self.attn(h, rope, mask, input_pos) + self.ffn(h)
+            y, router_logits = self.feed_forward(h)
+            return x + self.attn(h, rope, mask, input_pos) + y, router_logits
         x = x + self.attn(h, rope, mask, input_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        y, router_logits = self.feed_forward(self.ffn_norm(x))
+        return x + y, router_logits
+
+    def feed_forward(self, h):
+        return self.ffn(h) if isinstance(self.ffn, MoE) else (self.ffn(h), None)
 
 
 class LLM(nn.Module):
@@ -516,23 +526,26 @@ class LLM(nn.Module):
         for b in self.layers:
             b.attn.kv_cache = None
 
-    def forward(self, embeds, positions=None, key_valid=None, input_pos=None, last_only=False):
+    def forward(self, embeds, positions=None, key_valid=None, input_pos=None, last_only=False, router_logits=False):
         """embeds [B, T, H]; positions [B, T] rotary positions; key_valid [B, S] marks real
         (non-padding) keys, S = T without a cache or the cache length; input_pos [T] = where
-        these tokens sit in the cache. Returns logits [B, T, V] (or [B, V] if last_only)."""
+        these tokens sit in the cache. Returns logits [B, T, V] (or [B, V] if last_only), and
+        with router_logits=True also every MoE layer's router logits [B * T, E], in layer order."""
         B, T, _ = embeds.shape
         if positions is None:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
         rope = self.rotary(positions, embeds.dtype)
         mask = attention_mask(key_valid, input_pos, T, embeds.device)
-        x = embeds
+        x, routers = embeds, []
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, input_pos, use_reentrant=False)
+                x, r = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, input_pos, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, input_pos)
-        x = self.norm(x[:, -1] if last_only else x)
-        return self.lm_head(x)
+                x, r = layer(x, rope, mask, input_pos)
+            if r is not None:
+                routers.append(r)
+        logits = self.lm_head(self.norm(x[:, -1] if last_only else x))
+        return (logits, routers) if router_logits else logits
 
 
 def attention_mask(key_valid, input_pos, T, device):
@@ -617,14 +630,16 @@ class MedMoE(nn.Module):
             embeds[b, sl], valid[b, sl], out_labels[b, sl] = s, True, lab
         return embeds, valid, (out_labels if labels is not None else None)
 
-    def forward(self, input_ids, pixels=None, labels=None, num_tokens=None):
-        """Training/scoring forward: right-padded batch -> (logits, loss or None)."""
+    def forward(self, input_ids, pixels=None, labels=None, num_tokens=None, router_logits=False):
+        """Training/scoring forward: right-padded batch -> (logits, loss or None), and the MoE
+        layers' router logits as a third item with router_logits=True."""
         embeds, valid, labels = self.splice(input_ids, pixels, labels)
         positions = (valid.cumsum(-1) - 1).clamp(min=0)
-        logits = self.llm(embeds, positions, None if valid.all() else valid)
-        return logits, (self.loss(logits, labels, num_tokens) if labels is not None else None)
+        logits, routers = self.llm(embeds, positions, None if valid.all() else valid, router_logits=True)
+        loss = self.loss(logits, labels, routers, num_tokens) if labels is not None else None
+        return (logits, loss, routers) if router_logits else (logits, loss)
 
-    def loss(self, logits, labels, num_tokens=None):
+    def loss(self, logits, labels, router_logits=(), num_tokens=None):
         """Next-token cross-entropy plus the MoE aux terms (both weighted 0 in Med-MoE). The
         cross-entropy is summed and divided by num_tokens (default: this batch's supervised
         tokens); a trainer passes the count over all micro-batches and processes of a step, so
@@ -633,11 +648,11 @@ class MedMoE(nn.Module):
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE, reduction="sum")
         ce = ce / (num_tokens if num_tokens is not None else (targets != IGNORE).sum().clamp(min=1))
         moe = self.cfg.moe
-        for layer in self.llm.moe_layers():
+        for r in router_logits:
             if moe.aux_loss_coef:
-                ce = ce + moe.aux_loss_coef * load_balancing_loss(layer.router_logits, moe.top_k)
+                ce = ce + moe.aux_loss_coef * load_balancing_loss(r, moe.top_k)
             if moe.z_loss_coef:
-                ce = ce + moe.z_loss_coef * router_z_loss(layer.router_logits)
+                ce = ce + moe.z_loss_coef * router_z_loss(r)
         return ce
 
     @torch.inference_mode()
@@ -787,113 +802,7 @@ def count_params(model: MedMoE):
             "llm_active": llm_active, "total": n(model)}
 
 
-def describe(model: MedMoE, directory=None):
-    """The `medmoe info` text: architecture, parameter counts, how the weights are stored (and
-    their size on disk, given the checkpoint directory) and how many bytes decoding reads."""
-    c, v, moe = model.cfg.llm, model.cfg.vision, model.cfg.moe
-    p = count_params(model)
-    B = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
-    block = "parallel attention+FFN" if c.parallel_block else "sequential attention, FFN"
-    mlp = f"SwiGLU {c.intermediate_size}" if c.gated_mlp else f"{c.act} MLP {c.intermediate_size}"
-    lines = [
-        f"LLM         {c.arch}: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} kv), "
-        f"{block}, {c.norm}, {mlp}, rotary {c.rotary_pct:g} of head_dim {c.head_dim}, vocab {c.vocab_size}, "
-        f"context {c.max_seq_len}{', tied embeddings' if c.tie_embeddings else ''}",
-    ]
-    if v:
-        lines.append(f"vision      {v.kind}: {v.image_size}px / patch {v.patch_size} -> {v.num_patches} tokens x {v.hidden_size}, "
-                     f"{v.num_layers} layers kept (features of the last)")
-        lines.append(f"projector   {model.cfg.projector}")
-    if moe:
-        n_moe = len(model.llm.moe_layers())
-        meta = " + meta expert" if moe.meta_expert else ""
-        lines.append(f"MoE         {n_moe} of {c.num_layers} layers ({moe.layers}): {moe.num_experts} experts, top-{moe.top_k}{meta}, "
-                     f"weights {'renormalised' if moe.renormalize else 'softmax probabilities'}, "
-                     f"aux {moe.aux_loss_coef:g}, z {moe.z_loss_coef:g}")
-    lines.append(f"parameters  total {B(p['total'])} = LLM {B(p['llm'])} + vision {B(p['vision'])} + projector {B(p['projector'])}")
-    note = " (the meta expert runs for every token, so it counts as activated)" if moe and moe.meta_expert else ""
-    lines.append(f"activated   {B(p['llm_active'])} per token in the LLM{note}; "
-                 f"{B(p['llm_active'] + p['vision'] + p['projector'])} with vision tower and projector")
-    q = model.cfg.quant
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values() if t.is_floating_point() and not t.is_meta})
-    stored = "float"
-    if q:
-        head = max(q.bits, q.lm_head_bits)
-        stored = f"int{q.bits}" + (f" (groups of {q.group_size}), LM head int{head}" if q.bits == 4 else " (per channel)")
-    stored += f"{'' if not q or q.vision else ', vision tower float'}" + (f"; float tensors {'/'.join(dtypes)}" if dtypes else "")
-    weights = os.path.join(directory or "", "model.safetensors")
-    if directory and os.path.isfile(weights):
-        stored += f"; {os.path.getsize(weights) / 2**30:.2f} GiB on disk"
-    lines.append(f"weights     {stored}")
-    lines.append(f"decoding    reads {decode_bytes(model) / 2**30:.3f} GiB of weights per token (batch 1)")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- weights: read, save, load
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def read_safetensors(path):
-    """Memory-map a .safetensors file: tensors are views of the file, read lazily by the OS.
-    (Copy-on-write mapping, so training may update them without touching the file.)"""
-    import mmap
-
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n <= 1 or 8 + n > size:
-                raise MedMoEError(f"{path}: not a safetensors file, or truncated")
-            header = json.loads(f.read(n))
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise MedMoEError(f"{path}: cannot read safetensors header ({e})") from None
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise MedMoEError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        count = math.prod(info["shape"])
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.view(info["shape"])
-    return tensors
-
-
-def read_weights(directory):
-    """All tensors of a checkpoint directory: (sharded) safetensors, or PyTorch .bin as older
-    releases ship them (loaded with mmap, weights only: no code from the file is run)."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = os.path.join(directory, index_name)
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            break
-    else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(directory, n))][:1]
-    if not files:
-        raise MedMoEError(f"{directory}: no model.safetensors or pytorch_model.bin (nor an index of shards)")
-    tensors = {}
-    for name in files:
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            raise MedMoEError(f"{path}: missing (listed in the shard index)")
-        if name.endswith(".safetensors"):
-            tensors.update(read_safetensors(path))
-        else:
-            try:
-                tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
-            except Exception as e:  # noqa: BLE001 -- torch raises many types for a bad zip/pickle
-                raise MedMoEError(f"{path}: unreadable PyTorch weights ({type(e).__name__})") from None
-    return tensors
-
 
 def expected_tensors(model):
     """name -> shape of what a checkpoint must hold (a tied lm_head is stored once)."""
@@ -982,47 +891,6 @@ def load_model(directory, dtype=None, device="cpu", quant=None):
     return model.to(device).eval()
 
 
-def atomic_write(path, write):
-    """Write to a temporary file then rename: a kill at any moment leaves the old file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_safetensors(path, tensors, get=None):
-    """Write a .safetensors file tensor by tensor. tensors: name -> tensor, or a meta tensor
-    (dtype and shape only) whose data get(name) makes when its turn comes. Written by hand
-    because safetensors' save_file wants every tensor in memory at once: converting a 6B model
-    would then need all of it (12.9 GB in bf16) besides its source.
-    Every tensor whose size is a multiple of 64 bytes goes first, 64-byte aligned in the file, so
-    that memory-mapped it is aligned as the quantized kernels need (they crash otherwise); the
-    rest follow by falling element size, as safetensors orders them, to keep their alignment."""
-    odd = lambda t: t.numel() * t.element_size() % 64 != 0
-    order = sorted(tensors, key=lambda k: (odd(tensors[k]), -tensors[k].element_size() if odd(tensors[k]) else 0))
-    header, offset = {}, 0
-    for name in order:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 64)  # the tensor data starts 64-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for name in order:
-            spec = tensors[name]
-            t = (get(name) if get else spec).detach().contiguous().cpu()
-            if t.dtype != spec.dtype or t.shape != spec.shape:
-                raise MedMoEError(f"{path}: tensor {name!r} came out {t.dtype} {tuple(t.shape)}, expected {spec.dtype} {tuple(spec.shape)}")
-            if t.numel():
-                f.write((ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr()))  # no copy
-
-
 def save_checkpoint(cfg, tensors, directory, tokenizer_json=None, get=None):
     """config.json + model.safetensors (+ tokenizer.json), each file replaced atomically
     (tensors and get as in write_safetensors)."""
@@ -1036,396 +904,8 @@ def save_checkpoint(cfg, tensors, directory, tokenizer_json=None, get=None):
         atomic_write(os.path.join(directory, "tokenizer.json"), lambda p: write_bytes(p, data))
 
 
-def write_bytes(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def save_model(model, directory, tokenizer_json=None):
     keep = expected_tensors(model)
     save_checkpoint(model.cfg, {k: v for k, v in model.state_dict().items() if k in keep}, directory, tokenizer_json)
 
 
-# ----------------------------------------------------------------------------- conversion from Hugging Face / Med-MoE
-
-# What each supported `model_type` means for the decoder (the rest is read from its config).
-ARCHS = {
-    "phi": dict(norm="layernorm", act="gelu_tanh", gated_mlp=False, parallel_block=True,
-                qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True),
-    "stablelm": dict(norm="layernorm", act="silu", gated_mlp=True),
-    "qwen2": dict(norm="rmsnorm", act="silu", gated_mlp=True, qkv_bias=True),
-    "llama": dict(norm="rmsnorm", act="silu", gated_mlp=True),
-}
-MODEL_TYPES = {"phi": "phi", "stablelm": "stablelm", "stablelm_epoch": "stablelm", "qwen2": "qwen2",
-               "llama": "llama", "mistral": "llama", "mixtral": "llama"}
-HF_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu",
-           "silu": "silu", "swish": "silu"}
-
-
-def hf_llm_config(hf, max_seq_len=None):
-    """LLMConfig (and MoEConfig for Mixtral) from a Hugging Face decoder config.json dict."""
-    mt = hf.get("model_type", "?")
-    if mt not in MODEL_TYPES:
-        raise MedMoEError(f"unknown architecture {mt!r} (supported: {', '.join(MODEL_TYPES)})")
-    arch = MODEL_TYPES[mt]
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise MedMoEError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    for flag in ("qk_layernorm", "use_parallel_residual"):
-        if hf.get(flag):
-            raise MedMoEError(f"{mt} with {flag}=true is not supported")
-    eos = hf.get("eos_token_id")
-    kw = dict(ARCHS[arch])
-    kw["act"] = HF_ACTS.get(hf.get("hidden_act", ""), kw["act"])
-    if arch == "stablelm":
-        kw["qkv_bias"] = hf.get("use_qkv_bias", False)
-    if arch == "llama":
-        kw.update(qkv_bias=hf.get("attention_bias", False), o_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False))
-    llm = LLMConfig(
-        arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or 0, max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        rotary_pct=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rope_pct", 1.0))),
-        norm_eps=hf.get("rms_norm_eps", hf.get("layer_norm_eps", hf.get("norm_eps", 1e-5))),
-        tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"),
-        eos_ids=eos if isinstance(eos, list) else ([eos] if eos is not None else []),
-        pad_id=hf.get("pad_token_id") or 0, **kw,
-    )
-    moe = None
-    if mt == "mixtral":  # Mixtral semantics: every layer, top-k renormalised, bias-free router, no meta expert
-        moe = MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"], layers="dense",
-                        meta_expert=False, renormalize=True, router_bias=False)
-    return llm, moe
-
-
-def hf_vision_config(hf, preprocessor=None, feature_layer=-2):
-    hf = hf.get("vision_config", hf)  # a full CLIPModel/SiglipModel config nests the vision part
-    mt = hf.get("model_type", "")
-    kind = "clip" if "clip" in mt else "siglip" if "siglip" in mt else None
-    if kind is None:
-        raise MedMoEError(f"unknown vision architecture {mt!r} (supported: clip, siglip)")
-    L = hf["num_hidden_layers"]
-    keep = feature_layer if feature_layer >= 0 else L + 1 + feature_layer  # HF hidden_states has L+1 entries
-    if not 0 <= keep <= L:
-        raise MedMoEError(f"feature layer {feature_layer} out of range for a {L}-layer vision tower")
-    default = VisionConfig() if kind == "clip" else VisionConfig(mean=(0.5,) * 3, std=(0.5,) * 3)
-    pre = preprocessor or {}
-    return VisionConfig(
-        kind=kind, image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=keep, num_heads=hf["num_attention_heads"],
-        norm_eps=hf.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6),
-        act=HF_ACTS[hf.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh")],
-        mean=tuple(pre.get("image_mean", default.mean)), std=tuple(pre.get("image_std", default.std)),
-    )
-
-
-# Source-key patterns -> our names, first match wins; None drops the tensor. A name ending in
-# "[e]" is expert e of a stacked tensor (Experts stores all experts of a layer in one tensor).
-VISION_KEYS = [
-    (r"embeddings\.class_embedding", "class_embed"),
-    (r"embeddings\.patch_embedding\.", "patch_embed."),
-    (r"embeddings\.position_embedding\.weight", "pos_embed"),
-    (r"embeddings\.position_ids", None),
-    (r"pre_layrnorm\.", "pre_norm."),
-    (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"layers.\1.attn_norm."),
-    (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"layers.\1.ffn_norm."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"layers.\1.attn.o_proj."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.", r"layers.\1.attn."),
-    (r"encoder\.layers\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.up_proj."),
-    (r"encoder\.layers\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.down_proj."),
-    (r"(post_layernorm|head)\.", None),  # features come from an inner layer: unused
-]
-EXPERT_PARAMS = r"(fc1|fc2|up_proj|gate_proj|down_proj|w1|w2|w3)\.(weight|bias)"
-LLM_KEYS = [
-    (r"embed_tokens\.", "embed."),
-    (r"layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
-    (r"layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
-    (r"layers\.(\d+)\.self_attn\.(dense|o_proj)\.", r"layers.\1.attn.o_proj."),
-    (r"layers\.(\d+)\.self_attn\.([qkv]_proj)\.", r"layers.\1.attn.\2."),
-    (r"layers\.(\d+)\.self_attn\.rotary_emb\.", None),
-    (r"layers\.(\d+)\.mlp\.(fc1|up_proj)\.", r"layers.\1.ffn.up_proj."),
-    (r"layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.ffn.gate_proj."),
-    (r"layers\.(\d+)\.mlp\.(fc2|down_proj)\.", r"layers.\1.ffn.down_proj."),
-    # Med-MoE / MoE-LLaVA (DeepSpeed MoE layer): router `wg`, experts, the always-on meta expert
-    (r"layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.", r"layers.\1.ffn.router."),
-    (rf"layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.{EXPERT_PARAMS}", r"layers.\1.ffn.experts.\3.\4[\2]"),
-    (r"layers\.(\d+)\.mlp\.meta_moe\.(fc1|up_proj)\.", r"layers.\1.ffn.meta_expert.up_proj."),
-    (r"layers\.(\d+)\.mlp\.meta_moe\.gate_proj\.", r"layers.\1.ffn.meta_expert.gate_proj."),
-    (r"layers\.(\d+)\.mlp\.meta_moe\.(fc2|down_proj)\.", r"layers.\1.ffn.meta_expert.down_proj."),
-    # Mixtral
-    (r"layers\.(\d+)\.block_sparse_moe\.gate\.", r"layers.\1.ffn.router."),
-    (rf"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.{EXPERT_PARAMS}", r"layers.\1.ffn.experts.\3.\4[\2]"),
-    (r"(final_layernorm|norm)\.", "norm."),
-    (r"lm_head\.", "lm_head."),
-]
-PROJECTOR_KEYS = [(r"(?:linear_1|0)\.", "0."), (r"(?:linear_2|2)\.", "2."), (r"(weight|bias)$", r"\1")]
-# Which part of the model a source key belongs to, and the prefix to strip.
-COMPONENTS = [
-    (r"(?:model\.)?(?:vision_tower|image_tower\.image_tower)\.(?:vision_model\.)?", "vision"),
-    (r"vision_model\.", "vision"),
-    (r"(?:model\.)?(?:multi_modal_projector|mm_projector(?:\.image_spatial_proj)?)\.", "projector"),
-    (r"(?:text_model|text_projection|visual_projection|logit_scale|logit_bias)", None),  # CLIP/SigLIP text side
-    (r"(?:language_model\.)?(?=lm_head\.)", "llm"),
-    (r"(?:model\.language_model\.|language_model\.model\.|model\.)", "llm"),
-    (r"(?=embeddings\.|encoder\.|pre_layrnorm|post_layernorm|head\.)", "vision"),  # bare CLIPVisionModel
-]
-# Per-expert names (Phi fc1/fc2, Llama up/gate/down, Mixtral w1=gate w3=up w2=down) -> Experts fields
-EXPERT_FIELDS = {"fc1.weight": "up_proj", "fc1.bias": "up_bias", "up_proj.weight": "up_proj", "gate_proj.weight": "gate_proj",
-                 "fc2.weight": "down_proj", "fc2.bias": "down_bias", "down_proj.weight": "down_proj",
-                 "w1.weight": "gate_proj", "w3.weight": "up_proj", "w2.weight": "down_proj"}
-
-
-def rename(key, rules):
-    """(our name or None to drop, or False when no rule knows the key)."""
-    for pattern, repl in rules:
-        m = re.match(pattern, key)
-        if m:
-            return None if repl is None else m.expand(repl) + key[m.end():]
-    return False
-
-
-def split_component(key):
-    """("vision" | "projector" | "llm" | None to drop | False unknown, rest of the key)."""
-    for pattern, part in COMPONENTS:
-        m = re.match(pattern, key)
-        if m:
-            return part, key[m.end():]
-    return False, key
-
-
-def convert_tensors(tensors, where, only=None):
-    """Rename a source state dict to ours. Per-expert tensors are stacked into Experts fields
-    only when written: the result holds a meta tensor of the stacked shape, and `stacks` its
-    parts (a released MoE holds billions of expert weights: stacking them all up front would
-    copy them all into memory). Returns (tensors, stacks)."""
-    rules = {"vision": VISION_KEYS, "llm": LLM_KEYS, "projector": PROJECTOR_KEYS}
-    out, experts = {}, {}
-    for key, t in tensors.items():
-        part, rest = split_component(key)
-        if part is None:
-            continue
-        name = rename(rest, rules[part]) if part and (not only or part in only) else False
-        if name is None:
-            continue
-        if name is False:
-            raise MedMoEError(f"{where}: unexpected tensor {key!r} (not a supported layout)")
-        e = re.match(r"(.*)\.experts\.(.+)\[(\d+)\]$", name)
-        if e:
-            field_name = EXPERT_FIELDS[e.group(2)]
-            experts.setdefault(f"{part}.{e.group(1)}.experts.{field_name}", {})[int(e.group(3))] = t
-        else:
-            out[f"{part}.{name}"] = t
-    stacks = {name: [per_expert[i] for i in sorted(per_expert)] for name, per_expert in experts.items()}
-    for name, parts in stacks.items():
-        out[name] = torch.empty(len(parts), *parts[0].shape, dtype=parts[0].dtype, device="meta")
-    return out, stacks
-
-
-def read_json(path, required=True):
-    if not os.path.isfile(path):
-        if required:
-            raise MedMoEError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}")
-        return None
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise MedMoEError(f"{path}: invalid JSON ({e})") from None
-
-
-def default_template(arch, *dirs):
-    """The conversation template (data.TEMPLATES) a decoder was tuned with: read from its
-    tokenizer_config.json chat template when it has one, else Med-MoE's for Phi/StableLM."""
-    chats = [str(((read_json(os.path.join(d, "tokenizer_config.json"), required=False) if d else None) or {}).get("chat_template") or "")
-             for d in dirs]
-    return template_of(arch, *chats)
-
-
-def template_of(arch, *chat_templates):
-    """The template a (Jinja) chat template implies, by its markers; else the architecture's."""
-    for chat in chat_templates:
-        for marker, name in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<|assistant|>", "zephyr")):
-            if marker in chat:
-                return name
-    return {"phi": "phi", "stablelm": "stablelm", "qwen2": "chatml"}.get(arch, "llama3")
-
-
-def find_tokenizer(*dirs):
-    for d in dirs:
-        if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
-            return os.path.join(d, "tokenizer.json")
-    return None
-
-
-def convert(out_dir, *, vision=None, llm=None, llava=None, medmoe=None, ours=None, dtype=None, quant=None,
-            feature_layer=-2, template=None, max_seq_len=None, seed=0):
-    """Write a medmoe checkpoint directory from one of:
-    llm + vision: Hugging Face decoder and CLIP/SigLIP directories; the projector is freshly
-      initialised (seeded), ready for stage 1. llm may be a GGUF file (convert.py) instead, and
-      then vision may be left out for a text-only model;
-    llava: a Hugging Face LlavaForConditionalGeneration directory;
-    medmoe: a released Med-MoE / MoE-LLaVA directory (stage 2 dense or stage 3 MoE); its saved
-      CLIP tower is used unless vision is given;
-    ours: one of our own checkpoints, to cast or quantize it.
-    dtype casts the floating tensors; quant (a QuantConfig) quantizes (see `quantize`).
-    Returns the written model on the meta device (for `describe`)."""
-    if sum(x is not None for x in (llm, llava, medmoe, ours)) != 1:
-        raise MedMoEError("give exactly one of --llm (with --vision), --llava, --medmoe or --model")
-    for d in (vision, llava, medmoe, ours):
-        if d is not None and not os.path.isdir(d):
-            raise MedMoEError(f"{d}: not a directory")
-    stacks, tokenizer = {}, None
-    if ours is not None:
-        cfg = load_config(ours)
-        if cfg.quant and quant:
-            raise MedMoEError(f"{ours} is already quantized (int{cfg.quant.bits}): quantize from its float checkpoint")
-        tensors, tokenizer = read_safetensors(os.path.join(ours, "model.safetensors")), find_tokenizer(ours)
-    elif llm is not None and os.path.isfile(llm):
-        cfg, tensors = gguf_checkpoint(out_dir, llm, vision, feature_layer, template, max_seq_len, seed)
-    elif llm is not None and not os.path.isdir(llm):
-        raise MedMoEError(f"{llm}: no such directory or GGUF file")
-    else:
-        cfg, tensors, stacks = hf_checkpoint(vision, llm, llava, medmoe, feature_layer, template, max_seq_len, seed)
-        tokenizer = find_tokenizer(llm or llava or medmoe, vision)
-    check_tensors(empty_model(cfg), tensors, ours or llm or llava or medmoe)
-    fetch = lambda name: torch.stack(stacks[name]) if name in stacks else tensors[name]
-    return write_converted(cfg, tensors, fetch, out_dir, tokenizer, dtype, quant)
-
-
-def write_converted(cfg, tensors, fetch, out_dir, tokenizer_json=None, dtype=None, quant=None):
-    """Write a checkpoint of cfg tensor by tensor: each is fetched, cast and, with quant, quantized
-    just before it is written, so memory peaks at about one tensor (plus what the source maps)
-    whatever the model's size. tensors gives each source tensor's dtype and shape (meta tensors
-    will do); fetch(name) makes it. Returns the written model on the meta device."""
-    model = empty_model(replace(cfg, llm=replace(cfg.llm)))
-    if quant is not None:
-        quantize(model, quant)
-        dtype = dtype or torch.bfloat16  # the quantized kernels compute in bf16
-    state, keep = model.state_dict(), expected_tensors(model)
-    names = [k for k in state if k in keep]
-    source = lambda name: name if name in tensors else "llm.embed.weight"  # a quantized tied head
-    specs, scales_of, pending = {}, {}, {}
-    for i, name in enumerate(names):
-        if quant is not None and not state[name].is_floating_point():  # to quantize: the data, then its scales
-            scales_of[name] = names[i + 1]
-            specs[name], specs[names[i + 1]] = state[name], state[names[i + 1]]
-        elif name not in specs:  # (an already quantized source passes through)
-            specs[name] = cast(name, tensors[source(name)].to("meta"), dtype)
-
-    data_of = {v: k for k, v in scales_of.items()}
-
-    def get(name):  # the file may ask for a weight's scales first: what is made but not asked for waits
-        if name in pending:
-            return pending.pop(name)
-        weight = data_of.get(name, name)
-        t = fetch(source(weight))
-        if weight not in scales_of:
-            return cast(name, t, dtype)
-        bits = 8 if specs[weight].dtype == torch.int8 else 4  # (an int4 model's LM head is int8)
-        made = dict(zip((weight, scales_of[weight]), kernels.quantize(t, bits, quant.group_size)))
-        out = made.pop(name)
-        pending.update(made)
-        return out
-
-    save_checkpoint(model.cfg, specs, out_dir, tokenizer_json, get)
-    return model
-
-
-def hf_checkpoint(vision, llm, llava, medmoe, feature_layer, template, max_seq_len, seed):
-    """(config, tensors, stacks) of a Hugging Face / LLaVA / released Med-MoE source (see convert)."""
-    src = llm or llava or medmoe
-    hf = read_json(os.path.join(src, "config.json"))
-    tensors, stacks = convert_tensors(read_weights(src), src, only=None if (llava or medmoe) else {"llm"})
-    vis_hf = read_json(os.path.join(vision, "config.json")) if vision else None
-    if vision:
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("vision.")}
-        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"})[0])
-    if llava:
-        if hf.get("model_type") != "llava":
-            raise MedMoEError(f"{llava}: model_type {hf.get('model_type')!r} is not llava")
-        if hf.get("vision_feature_select_strategy", "default") != "default":
-            raise MedMoEError("only vision_feature_select_strategy 'default' (class token dropped) is supported")
-        llm_cfg, moe = hf_llm_config(hf["text_config"], max_seq_len)
-        vis_hf, feature_layer = vis_hf or hf["vision_config"], hf.get("vision_feature_layer", feature_layer)
-    elif medmoe:
-        # Med-MoE/MoE-LLaVA configs are the decoder's config plus mm_* keys and a `moe` block
-        llm_cfg, _ = hf_llm_config({**hf, "model_type": re.sub(r"^(moe_)?llava_", "", hf.get("model_type", ""))}, max_seq_len)
-        moe = medmoe_moe_config(hf, tensors)
-        feature_layer = hf.get("mm_vision_select_layer", feature_layer)
-        if vis_hf is None and "vision.pos_embed" in tensors:
-            vis_hf = clip_config_from_tensors(tensors)
-    else:
-        llm_cfg, moe = hf_llm_config(hf, max_seq_len)
-    if vis_hf is None:
-        raise MedMoEError("a vision tower is needed: give --vision DIR (a Hugging Face CLIP or SigLIP directory)")
-    llm_cfg.lm_head_bias = "llm.lm_head.bias" in tensors  # LLaVA-Phi drops Phi-2's lm_head bias
-    pre = read_json(os.path.join(vision or src, "preprocessor_config.json"), required=False)
-    template = template or default_template(llm_cfg.arch, src, llm)
-    cfg = Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe, template=template,
-                 projector=hf.get("image_projector_type") or hf.get("mm_projector_type") or "mlp2x_gelu")
-    return cfg, with_projector(cfg, tensors, seed), stacks
-
-
-def gguf_checkpoint(out_dir, path, vision, feature_layer, template, max_seq_len, seed):
-    """(config, tensors) of a GGUF decoder (convert.py), with a CLIP/SigLIP tower and a fresh
-    projector when vision is given; writes its tokenizer.json into out_dir."""
-    import convert as outside
-
-    llm_cfg, tensors, tokenizer_json, gguf_template = outside.gguf_llm(path, max_seq_len)
-    vis = None
-    if vision:
-        tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"})[0])
-        pre = read_json(os.path.join(vision, "preprocessor_config.json"), required=False)
-        vis = hf_vision_config(read_json(os.path.join(vision, "config.json")), pre, feature_layer)
-    cfg = Config(llm=llm_cfg, vision=vis, template=template or gguf_template)
-    if tokenizer_json is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: write_bytes(p, tokenizer_json.encode()))
-    return cfg, with_projector(cfg, tensors, seed)
-
-
-def with_projector(cfg, tensors, seed):
-    """Keep only the vision layers the features come from and drop a tied LM head; give a model
-    that has no projector yet a fresh one (nn.Linear's default init, seeded, as LLaVA's stage 1)."""
-    if cfg.vision:
-        unused = lambda k: k.startswith("vision.layers.") and int(k.split(".")[2]) >= cfg.vision.num_layers
-        tensors = {k: v for k, v in tensors.items() if not unused(k)}
-    if cfg.llm.tie_embeddings:
-        tensors.pop("llm.lm_head.weight", None)
-    if cfg.vision and not any(k.startswith("projector.") for k in tensors):
-        torch.manual_seed(seed)
-        projector = make_projector(cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size)
-        tensors.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
-    return tensors
-
-
-def medmoe_moe_config(hf, tensors):
-    """MoEConfig of a released Med-MoE / MoE-LLaVA checkpoint, or None for a dense (stage 1/2) one.
-    Med-MoE: router with bias + meta expert, top-1 unnormalised. MoE-LLaVA (DeepSpeed's gate):
-    no router bias, no meta expert, top-2 renormalised. Both are read off the tensors present."""
-    moe = hf.get("moe") or {}
-    if not moe.get("moe_enable"):
-        return None
-    if moe.get("use_residual") or any(".coefficient." in k for k in tensors):
-        raise MedMoEError("MoE-LLaVA checkpoints with use_residual=true are not supported")
-    top_k = moe.get("top_k_experts", 1)
-    num_experts = moe.get("num_experts", 4)  # MoE-LLaVA writes one count per MoE layer
-    return MoEConfig(
-        num_experts=num_experts[0] if isinstance(num_experts, list) else num_experts, top_k=top_k,
-        layers=moe.get("moe_layers_idx") or moe.get("moe_mode", "sparse"),
-        meta_expert=any(".ffn.meta_expert." in k for k in tensors), renormalize=top_k > 1,
-        router_bias=any(k.endswith(".ffn.router.bias") for k in tensors), aux_loss_coef=moe.get("router_aux_loss_coef", 0.0),
-    )
-
-
-def clip_config_from_tensors(tensors):
-    """The CLIP tower saved inside a Med-MoE checkpoint comes without its config: read it off
-    the shapes (heads = width / 64, as in every CLIP ViT)."""
-    d = tensors["vision.patch_embed.weight"].shape
-    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("vision.layers."))
-    side = math.isqrt(tensors["vision.pos_embed"].shape[0] - 1)
-    return dict(model_type="clip_vision_model", hidden_size=d[0], patch_size=d[-1], image_size=side * d[-1],
-                num_hidden_layers=layers, num_attention_heads=d[0] // 64,
-                intermediate_size=tensors["vision.layers.0.ffn.up_proj.weight"].shape[0])

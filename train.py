@@ -33,9 +33,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import files
 import medmoe
 import plots
-from medmoe import MedMoEError
+from files import MedMoEError
 
 STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 2e-5, "contrastive": 5e-5}  # contrastive: MedMoE's Adam lr (SPEC B)
 STAGE_CLIP = {1: 1.0, 2: 1.0, 3: 1.0, "contrastive": 0.25}
@@ -318,6 +319,20 @@ def fit_router(feats, labels, owners, held_out, num_classes, steps, seed):
     return router, acc
 
 
+def linear_probe(train_x, train_y, test_x, test_y, steps=500, seed=0):
+    """Accuracy of a linear classifier fitted on frozen embeddings (fit_router, the router fit: full-batch
+    AdamW cross-entropy) on held-out ones."""
+    classes = sorted(set(train_y))
+    unknown = sorted(set(test_y) - set(classes))
+    if unknown:
+        raise MedMoEError(f"test label {unknown[0]!r} never occurs in the probe's training images")
+    feats = torch.cat([train_x, test_x])
+    labels = torch.tensor([classes.index(y) for y in list(train_y) + list(test_y)])
+    held = torch.arange(len(feats)) >= len(train_x)
+    _, acc = fit_router(feats, labels, torch.arange(len(feats)), held, len(classes), steps, seed)
+    return acc["record_acc"]
+
+
 def train_router(model, run, dataset, a: TrainArgs, d: Dist, log):
     """After stage 2: fit the router on the records that carry a modality label, hold out a
     tenth of their images, report accuracy, and return (router, modalities, report)."""
@@ -352,7 +367,7 @@ def save_router(router, modalities, path):
     from safetensors.torch import save_file
 
     tensors = {"weight": router.weight.detach().contiguous(), "bias": router.bias.detach().contiguous()}
-    medmoe.atomic_write(path, lambda p: save_file(tensors, p, metadata={"modalities": json.dumps(modalities)}))
+    files.atomic_write(path, lambda p: save_file(tensors, p, metadata={"modalities": json.dumps(modalities)}))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -396,7 +411,7 @@ def save_training_checkpoint(out, step, model, wrapped, opt, sched, state, tok_j
         torch.save(trainer, os.path.join(tmp, "trainer.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        medmoe.atomic_write(os.path.join(out, "checkpoints", "latest"), lambda p: medmoe.write_bytes(p, os.path.basename(final).encode()))
+        files.atomic_write(os.path.join(out, "checkpoints", "latest"), lambda p: files.write_bytes(p, os.path.basename(final).encode()))
         names = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step-") and ".tmp" not in n)
         for old in names[:-keep]:
             shutil.rmtree(os.path.join(out, "checkpoints", old), ignore_errors=True)
@@ -428,7 +443,7 @@ class Log:
             with open(self.path) as f:  # keep what happened up to the checkpoint; later lines are redone
                 self.rows = [r for r in map(json.loads, f) if r.get("step", 0) <= resume_step]
         if main:
-            medmoe.atomic_write(self.path, lambda p: medmoe.write_bytes(p, "".join(json.dumps(r) + "\n" for r in self.rows).encode()))
+            files.atomic_write(self.path, lambda p: files.write_bytes(p, "".join(json.dumps(r) + "\n" for r in self.rows).encode()))
 
     def write(self, **row):
         if self.main:
@@ -734,7 +749,7 @@ def train(a: TrainArgs, log=print):
             if os.path.exists(os.path.join(final, name)):
                 publish(os.path.join(final, name), os.path.join(a.out, name))
         args_json = json.dumps(asdict(a), indent=2).encode()
-        medmoe.atomic_write(os.path.join(a.out, "train_args.json"), lambda p: medmoe.write_bytes(p, args_json))
+        files.atomic_write(os.path.join(a.out, "train_args.json"), lambda p: files.write_bytes(p, args_json))
         logbook.plot(f"stage {a.stage}")
     d.barrier()
     return summary

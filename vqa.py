@@ -13,9 +13,11 @@ import torch
 from tqdm import tqdm
 
 import data
+import files
 import medmoe
 import scorer
-from medmoe import IMAGE_TOKEN, MedMoEError
+from files import MedMoEError
+from medmoe import IMAGE_TOKEN
 
 
 def demo_dir():
@@ -146,18 +148,18 @@ def route(assistant, pixels, prompts):
     """One forward pass over a batch of prompts, reading every MoE layer's router."""
     model = assistant.model
     expert_names(model)  # a dense model: say so before any work
-    model(prompts, pixels)  # right-padded: row b's tokens come first
+    _, _, routers = model(prompts, pixels, router_logits=True)  # right-padded: row b's tokens come first
     layers = model.llm.moe_layers()
     B, E = len(prompts), layers[0].moe.num_experts
-    T = layers[0].router_logits.shape[0] // B
+    T = routers[0].shape[0] // B
     out = []
     for b, ids in enumerate(prompts):
         kinds = token_kinds(ids, model.cfg.vision.num_patches, model.cfg.llm.max_seq_len)
         start = ids.index(IMAGE_TOKEN)  # tokens before the image (the system prompt) cannot know its modality: not counted
         kinds[:start] = -1
         counts, probs = torch.zeros(len(layers), 2, E), torch.zeros(len(layers), E)
-        for j, layer in enumerate(layers):
-            logits = layer.router_logits.view(B, T, E)[b, : len(kinds)].float()
+        for j, (layer, router_logits) in enumerate(zip(layers, routers)):
+            logits = router_logits.view(B, T, E)[b, : len(kinds)].float()
             chosen = logits.topk(layer.moe.top_k, -1).indices  # softmax is monotonic: same top-k as MoE.route
             for kind in (0, 1):
                 counts[j, kind] = torch.bincount(chosen[kinds == kind].flatten(), minlength=E).float()
@@ -272,5 +274,5 @@ def evaluate(assistant, examples, out, batch_size=16, max_new_tokens=64, progres
             f.flush()
             bar.update(len(chunk))
     lines = "".join(json.dumps(done[ex.id]) + "\n" for ex in examples).encode()
-    medmoe.atomic_write(out, lambda p: medmoe.write_bytes(p, lines))
+    files.atomic_write(out, lambda p: files.write_bytes(p, lines))
     return scorer.score((done[ex.id]["text"], ex.turns[0][1], ex.answer_type or "") for ex in examples)

@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import convert as converter
 import medmoe
 
 transformers = __import__("transformers")  # test extra: the reference we compare against
@@ -57,14 +58,14 @@ def quiet(fn, *a, **kw):
 
 
 def hf_and_ours(hf_cfg, cls, tmp):
-    """A random HF model saved to disk, converted by `medmoe.convert`, loaded back."""
+    """A random HF model saved to disk, converted by `medmoe convert`, loaded back."""
     torch.manual_seed(0)
     ref = getattr(transformers, cls)(hf_cfg).eval()
     quiet(ref.save_pretrained, f"{tmp}/hf")
     vis = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                                      num_attention_heads=2, image_size=28, patch_size=14))
     quiet(vis.save_pretrained, f"{tmp}/clip")
-    medmoe.convert(f"{tmp}/ours", vision=f"{tmp}/clip", llm=f"{tmp}/hf")
+    converter.convert(f"{tmp}/ours", vision=f"{tmp}/clip", llm=f"{tmp}/hf")
     return ref, medmoe.load_model(f"{tmp}/ours")
 
 
@@ -82,14 +83,15 @@ class HFBlock(torch.nn.Module):
 
 
 def step(module, fn, x, grad):
-    """One forward (no grad) or forward+backward of fn on x."""
+    """One forward (no grad) or forward+backward of fn on x (an MoE layer returns (output, router logits))."""
     if grad is None:
         with torch.no_grad():
             fn(x)
     else:
         x.grad = None
         module.zero_grad(set_to_none=True)
-        fn(x).backward(grad)
+        out = fn(x)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
 
 
 def with_dispatch(moe, impl):

@@ -6,7 +6,7 @@
 Part 1, per shape (StableLM-2-1.6B and Phi-2, each with CLIP-L/336, 4 experts + meta expert in
 every other layer, top-1): random weights built from the published configs (no download),
 written tensor by tensor in bf16, then cast to fp32 (where it fits in memory) and quantized to
-int8 and int4 by `medmoe.convert`. Every checkpoint is measured in a fresh process: size on
+int8 and int4 by `medmoe convert`. Every checkpoint is measured in a fresh process: size on
 disk, peak resident memory while answering, load time, vision encode time, time to the first
 token with one 336-px image and a 60-token question, decode tokens/s eager and compiled, and the
 bandwidth limit = weight bytes read per decoded token / this machine's memory bandwidth (summing
@@ -33,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import convert as converter
 import medmoe
 
 GiB = 2**30
@@ -80,16 +81,16 @@ def build(shape, out):
         return torch.randn(t.shape, generator=gen) * 0.02
 
     start = time.perf_counter()
-    medmoe.write_converted(cfg, tensors, fetch, out, dtype=torch.bfloat16)
+    converter.write_converted(cfg, tensors, fetch, out, dtype=torch.bfloat16)
     return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
 
 
 def convert(src, out, dtype):
     start = time.perf_counter()
     if dtype == "fp32":
-        medmoe.convert(out, ours=src, dtype=torch.float32)
+        converter.convert(out, ours=src, dtype=torch.float32)
     else:  # int8, int4, or int4+vision (the vision tower quantized too)
-        medmoe.convert(out, ours=src, quant=medmoe.QuantConfig(bits=int(dtype[3]), group_size=64, vision=dtype.endswith("+vision")))
+        converter.convert(out, ours=src, quant=medmoe.QuantConfig(bits=int(dtype[3]), group_size=64, vision=dtype.endswith("+vision")))
     return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
 
 
@@ -201,7 +202,7 @@ def smollm(threads, rounds, tmp):
     rows = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out = os.path.join(tmp, f"smollm-{name}")
-        medmoe.convert(out, llm=str(gguf), dtype=dtype)
+        converter.convert(out, llm=str(gguf), dtype=dtype)
         ours = medmoe.load_model(out)
         ids = data.load_tokenizer(out).encode(prompt).ids
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()

@@ -72,7 +72,7 @@ def run(shared, out, epochs=30, seed=0, preset="small", log=print):
         "training images": len({ex.image for ex in data.load_examples(train_file)}), "epochs": epochs, "steps": summary["steps"],
         "zero-shot": sum(g == y for g, y in zip(zero_shot, test_y)) / n, "zero-shot per modality": per(zero_shot),
         "router": sum(g == y for g, y in zip(routed, test_y)) / n, "router per modality": per(routed),
-        "linear probe": contrastive.linear_probe(train_x, train_y, test_x, test_y),
+        "linear probe": train.linear_probe(train_x, train_y, test_x, test_y),
         "seconds": round(time.time() - t0),
     }
 

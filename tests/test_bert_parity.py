@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import contrastive as C
+import convert
 import medmoe
 
 transformers = pytest.importorskip("transformers")
@@ -60,7 +61,7 @@ def test_bert_model_hidden_states(tmp_path):
     torch.manual_seed(0)
     ref = transformers.BertModel(transformers.BertConfig(**SMALL)).eval()  # with its pooler, which we drop
     ref.save_pretrained(tmp_path)
-    ours = C.load_hf_bert(str(tmp_path))
+    ours = convert.load_hf_bert(str(tmp_path))
     assert not any(p.requires_grad for p in ours.parameters())  # frozen (spec)
     assert_hidden_states_match(ours, ref)
 
@@ -69,7 +70,7 @@ def test_masked_lm_checkpoint(tmp_path):
     torch.manual_seed(1)
     ref = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL)).eval()
     ref.save_pretrained(tmp_path)
-    assert_hidden_states_match(C.load_hf_bert(str(tmp_path)), ref.bert)
+    assert_hidden_states_match(convert.load_hf_bert(str(tmp_path)), ref.bert)
 
 
 def test_tf_era_pretraining_checkpoint(tmp_path):
@@ -81,7 +82,7 @@ def test_tf_era_pretraining_checkpoint(tmp_path):
           for k, v in ref.state_dict().items()}
     torch.save(sd, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({**SMALL, "hidden_act": "gelu", "type_vocab_size": 2}))
-    assert_hidden_states_match(C.load_hf_bert(str(tmp_path)), ref.bert)
+    assert_hidden_states_match(convert.load_hf_bert(str(tmp_path)), ref.bert)
 
 
 def test_unknown_and_missing_tensors_are_one_line_errors(tmp_path):
@@ -92,14 +93,14 @@ def test_unknown_and_missing_tensors_are_one_line_errors(tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     save_file({**tensors, "encoder.layer.0.attention.self.rotary.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(medmoe.MedMoEError, match=re.escape("unexpected tensor 'encoder.layer.0.attention.self.rotary.weight'")) as e:
-        C.load_hf_bert(str(tmp_path))
+        convert.load_hf_bert(str(tmp_path))
     assert "\n" not in str(e.value)
     save_file({k: v for k, v in tensors.items() if "layer.2.output.dense.weight" not in k}, tmp_path / "model.safetensors")
     with pytest.raises(medmoe.MedMoEError, match=re.escape("missing tensor 'layers.2.ffn.down_proj.weight'")):
-        C.load_hf_bert(str(tmp_path))
+        convert.load_hf_bert(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**SMALL, "model_type": "roberta"}))
     with pytest.raises(medmoe.MedMoEError, match="not bert"):
-        C.load_hf_bert(str(tmp_path))
+        convert.load_hf_bert(str(tmp_path))
 
 
 @pytest.mark.parametrize("lowercase", [True, False])
@@ -126,7 +127,7 @@ def test_gloria_readout_on_transformers_hidden_states(tmp_path):
     torch.manual_seed(3)
     ref = transformers.BertModel(transformers.BertConfig(**SMALL)).eval()
     ref.save_pretrained(tmp_path / "bert")
-    ours = C.load_hf_bert(str(tmp_path / "bert"))
+    ours = convert.load_hf_bert(str(tmp_path / "bert"))
     ids, mask, pieces = C.encode_captions(C.load_wordpiece(str(write_vocab(tmp_path / "bert"))), CAPTIONS)
     with torch.no_grad():
         words, word_mask, sentence = ours(ids, mask, pieces)

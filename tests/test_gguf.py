@@ -325,13 +325,13 @@ def test_hf_model_through_gguf(family, tmp_path):
     undone), the config matches hf_llm_config's, and the logits match the Hugging Face model's."""
     hf = tiny_hf(family)
     cfg, tensors, _, template = convert.gguf_llm(hf_to_gguf(hf, family, tmp_path / "m.gguf"), max_seq_len=64)
-    want, _ = medmoe.convert_tensors(hf.state_dict(), "hf", only={"llm"})
+    want, _ = convert.convert_tensors(hf.state_dict(), "hf", only={"llm"})
     if cfg.tie_embeddings:
         want.pop("llm.lm_head.weight")
     assert sorted(tensors) == sorted(want)
     for k, t in want.items():
         assert torch.equal(tensors[k], t), k
-    ref, _ = medmoe.hf_llm_config(hf.config.to_dict(), max_seq_len=64)
+    ref, _ = convert.hf_llm_config(hf.config.to_dict(), max_seq_len=64)
     fields = ["arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "max_seq_len", "rope_theta", "norm", "act", "gated_mlp", "parallel_block", "qkv_bias", "o_bias",
               "mlp_bias", "lm_head_bias", "tie_embeddings"]

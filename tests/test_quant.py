@@ -17,6 +17,8 @@ from safetensors import safe_open
 from torch._dynamo.utils import counters
 
 import cli
+import convert
+import files
 import kernels
 import medmoe as M
 
@@ -233,7 +235,7 @@ def test_convert_quantize_cli_writes_what_quantize_makes(tmp_path, float_ckpt, b
 def test_written_file_is_standard_safetensors_with_aligned_weights(tmp_path, float_ckpt):
     run("convert", tmp_path / "q", "--model", float_ckpt, "--quantize", "int8")
     path = tmp_path / "q" / "model.safetensors"
-    ours = M.read_safetensors(path)
+    ours = files.read_safetensors(path)
     with safe_open(path, "pt") as f:
         assert set(f.keys()) == set(ours)
         for k in ours:
@@ -264,7 +266,7 @@ def test_conversion_holds_one_source_tensor_at_a_time(tmp_path):
         alive.append(weakref.ref(t))
         return t
 
-    M.write_converted(model.cfg, tensors, fetch, tmp_path / "q", quant=M.QuantConfig(bits=4, group_size=32))
+    convert.write_converted(model.cfg, tensors, fetch, tmp_path / "q", quant=M.QuantConfig(bits=4, group_size=32))
     assert most[0] <= 1
     assert M.load_model(tmp_path / "q").cfg.quant.bits == 4
 
@@ -277,7 +279,7 @@ def test_bad_quantization_inputs_are_one_line(tmp_path, float_ckpt):
     run("convert", tmp_path / "q", "--model", float_ckpt, "--quantize", "int8")
     clean_error(run("convert", tmp_path / "qq", "--model", tmp_path / "q", "--quantize", "int4"), "already quantized")
     # a checkpoint whose scales are missing
-    tensors = M.read_safetensors(tmp_path / "q" / "model.safetensors")
+    tensors = files.read_safetensors(tmp_path / "q" / "model.safetensors")
     from safetensors.torch import save_file
 
     save_file({k: v.clone() for k, v in tensors.items() if k != "llm.layers.0.attn.q_proj.scales"}, tmp_path / "q" / "model.safetensors")

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import contrastive
+import convert
+import files
 import medmoe
 
 transformers = pytest.importorskip("transformers")
@@ -47,7 +49,7 @@ def assert_parity(ref, ours, pixels):
 @pytest.mark.parametrize("cls", ["SwinModel", "SwinForImageClassification"])
 def test_swin_matches_hf(tmp_path, cls):
     ref = save_swin(tmp_path, cls)
-    ours = contrastive.load_hf_swin(str(tmp_path))
+    ours = convert.load_hf_swin(str(tmp_path))
     assert not ours.training
     assert [s.blocks[0].position_bias.table.abs().sum().item() > 0 for s in ours.stages] == [True] * 4
     assert_parity(ref, ours, torch.randn(3, 3, 128, 128))
@@ -58,7 +60,7 @@ def test_padding_paths_match_hf(tmp_path):
     9 x 8 padded to whole windows, an odd side into the patch merging, and a 5 x 4 last stage
     that fits the window along one side only (no shift, 5 rows padded to 8)."""
     ref = save_swin(tmp_path, image_size=70, depths=[2, 2, 2], num_heads=[1, 2, 2])
-    ours = contrastive.load_hf_swin(str(tmp_path))
+    ours = convert.load_hf_swin(str(tmp_path))
     assert_parity(ref, ours, torch.randn(2, 3, 70, 62))
     assert ours(torch.randn(1, 3, 70, 62)).sizes == [(18, 16), (9, 8), (5, 4), (5, 4)]
 
@@ -84,32 +86,32 @@ def test_stage_smaller_than_window_uses_the_same_offsets():
 
 def test_config_from_hf_defaults_are_swin_tiny():
     hf = transformers.SwinConfig().to_dict()  # microsoft/swin-tiny-patch4-window7-224
-    assert contrastive.swin_config_from_hf(hf) == contrastive.SwinConfig()
+    assert convert.swin_config_from_hf(hf) == contrastive.SwinConfig()
     pre = {"size": {"height": 384, "width": 384}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    cfg = contrastive.swin_config_from_hf(hf, pre)
+    cfg = convert.swin_config_from_hf(hf, pre)
     assert (cfg.image_size, cfg.mean, cfg.std) == (384, (0.5,) * 3, (0.5,) * 3)
 
 
 def test_preprocessor_config_is_read(tmp_path):
     save_swin(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 112, "image_mean": [0.1, 0.2, 0.3]}))
-    cfg = contrastive.load_hf_swin(str(tmp_path)).cfg
+    cfg = convert.load_hf_swin(str(tmp_path)).cfg
     assert (cfg.image_size, cfg.mean, cfg.std) == (112, (0.1, 0.2, 0.3), contrastive.SwinConfig().std)
 
 
 def test_unknown_tensor_is_a_one_line_error():
     tensors = {"swin.embeddings.norm.weight": torch.ones(4), "swin.encoder.layers.0.blocks.0.attention.gate.weight": torch.ones(4)}
     with pytest.raises(medmoe.MedMoEError) as e:
-        contrastive.convert_swin(tensors, "ckpt")
+        convert.convert_swin(tensors, "ckpt")
     assert str(e.value) == "ckpt: unexpected tensor 'swin.encoder.layers.0.blocks.0.attention.gate.weight' (not a Swin checkpoint layout)"
 
 
 def test_missing_tensor_and_other_architectures_are_errors(tmp_path):
     save_swin(tmp_path)
-    tensors = contrastive.convert_swin(medmoe.read_weights(str(tmp_path)), "ckpt")
+    tensors = convert.convert_swin(files.read_weights(str(tmp_path)), "ckpt")
     tensors.pop("norm.weight")
-    model = contrastive.Swin(contrastive.swin_config_from_hf(json.loads((tmp_path / "config.json").read_text())))
+    model = contrastive.Swin(convert.swin_config_from_hf(json.loads((tmp_path / "config.json").read_text())))
     with pytest.raises(medmoe.MedMoEError, match=r"missing tensor 'norm\.weight'"):
         contrastive.load_tensors(model, tensors, "ckpt")
     with pytest.raises(medmoe.MedMoEError, match="'swinv2'"):
-        contrastive.swin_config_from_hf({"model_type": "swinv2"})
+        convert.swin_config_from_hf({"model_type": "swinv2"})

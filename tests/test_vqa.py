@@ -86,7 +86,7 @@ def test_model_found_from_environment(model_dir, dataset, monkeypatch, tmp_path)
 
 
 def manual_routing(assistant, image, ids):
-    """Each MoE layer's top-1 expert per token, from its FFN input and router weights by hand."""
+    """Each MoE layer's top-1 expert per token, from its FFN input and router weights by hand (and those inputs)."""
     model, inputs = assistant.model, {}
     hooks = [b.ffn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0][0]))
              for i, b in enumerate(model.llm.layers) if isinstance(b.ffn, medmoe.MoE)]
@@ -94,7 +94,11 @@ def manual_routing(assistant, image, ids):
         model([ids], assistant.pixels(image))
     for h in hooks:
         h.remove()
-    return {i: (x @ model.llm.layers[i].ffn.router.weight.T + model.llm.layers[i].ffn.router.bias).argmax(-1) for i, x in inputs.items()}
+    return {i: router_logits_by_hand(model, i, x).argmax(-1) for i, x in inputs.items()}, inputs
+
+
+def router_logits_by_hand(model, i, x):
+    return x @ model.llm.layers[i].ffn.router.weight.T + model.llm.layers[i].ffn.router.bias
 
 
 def test_routing_counts_match_the_router(model_dir, dataset):
@@ -103,7 +107,7 @@ def test_routing_counts_match_the_router(model_dir, dataset):
     ids = a.prompt([(QUESTION, "ct")])
     r = vqa.route(a, a.pixels(image), [ids])[0]
     patches = a.model.cfg.vision.num_patches
-    manual = manual_routing(a, image, ids)
+    manual, _ = manual_routing(a, image, ids)
     image_pos = torch.arange(len(ids) - 1 + patches)
     start = ids.index(medmoe.IMAGE_TOKEN)
     is_image = (image_pos >= start) & (image_pos < start + patches)
@@ -176,12 +180,11 @@ def test_route_plot_and_router_accuracy(model_dir, dataset, tmp_path):
     hits = []
     for ex in examples:  # the router's modality for a record, by hand: mean softmax over the tokens from the image on, and layers
         ids = a.prompt([(ex.turns[0][0], None)])
-        manual = manual_routing(a, ex.image, ids)
+        manual, inputs = manual_routing(a, ex.image, ids)
         start = ids.index(medmoe.IMAGE_TOKEN)
         probs = []
         for i in sorted(manual):
-            layer = a.model.llm.layers[i].ffn
-            probs.append(layer.router_logits[start:].softmax(-1).mean(0))
+            probs.append(router_logits_by_hand(a.model, i, inputs[i])[start:].softmax(-1).mean(0))
         hits.append(tiny.MODALITIES[int(torch.stack(probs).mean(0).argmax())] == ex.modality)
     assert s["router_accuracy"] == pytest.approx(sum(hits) / len(hits))
     assert len(s["rows"]) == (1 + len(tiny.MODALITIES)) * len(a.model.llm.moe_layers())
