@@ -2,7 +2,7 @@
 
     out[t] = sum_j expert_weight[t, j] * expert_{expert_idx[t, j]}(x[t])
 
-Experts live in stacked tensors (w_in/w_gate [E, F, H], w_out [E, H, F]) and every path below
+Experts live in stacked tensors (up_proj/gate_proj [E, F, H], down_proj [E, H, F]) and every path below
 runs the same expert MLP (`_expert`); they differ only in how one linear layer reaches the
 right expert's weights. A weight may also be weight-only quantized (int8 / int4, see the end of
 this file): then it is a (data, scales) pair and every path reaches the quantized kernels.
@@ -14,11 +14,24 @@ this file): then it is a (data, scales) pair and every path reaches the quantize
            small matmul per row on weight views. Decoding.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMPLS = ("loop", "grouped", "gather")
+DISPATCHES = ("loop", "grouped", "gather")
+
+
+class ExpertWeights(NamedTuple):
+    """One MoE layer's stacked expert tensors, named as medmoe.Experts names them (a weight may
+    be a quantized (data, scales) pair; gate_proj and the biases may be None)."""
+
+    up_proj: Tensor
+    down_proj: Tensor
+    gate_proj: Tensor | None
+    up_bias: Tensor | None
+    down_bias: Tensor | None
 
 # `auto` uses gather for at most this many (token, slot) rows. Measured on a 2-core AVX512 CPU
 # (H=512, F=1408, E=4, SwiGLU, forward, ms):
@@ -38,8 +51,8 @@ GATHER_MAX_ROWS = 16
 EAGER_GATHER_MAX_ROWS = 2
 
 
-def choose_impl(x: Tensor, rows: int, needs_grad: bool = False) -> str:
-    """The `auto` impl for tokens x [T, H] routed to `rows` = T*k (token, slot) pairs.
+def choose_dispatch(x: Tensor, rows: int, needs_grad: bool = False) -> str:
+    """The `auto` dispatch for tokens x [T, H] routed to `rows` = T*k (token, slot) pairs.
 
     The crossovers above are the same for fp32 and bf16, so x's dtype does not enter (CUDA is
     unmeasured). Under torch.compile with dynamic shapes the test on `rows` becomes a guard:
@@ -50,35 +63,35 @@ def choose_impl(x: Tensor, rows: int, needs_grad: bool = False) -> str:
     return "gather" if rows <= limit else "grouped"
 
 
-def moe_mlp(x, expert_idx, expert_weight, w_in, w_out, *, w_gate=None, b_in=None, b_out=None,
-            act=F.gelu, impl="auto") -> Tensor:
+def moe_mlp(x, expert_idx, expert_weight, up_proj, down_proj, *, gate_proj=None, up_bias=None, down_bias=None,
+            act=F.gelu, dispatch="auto") -> Tensor:
     """x [T, H], expert_idx [T, k] int64 in [0, E), expert_weight [T, k] -> [T, H].
 
-    Expert e is  act(x @ w_gate[e].T) * (x @ w_in[e].T)  (SwiGLU) when w_gate is given, else
-    act(x @ w_in[e].T + b_in[e]);  then  @ w_out[e].T + b_out[e]."""
-    if impl == "auto":
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or getattr(w_in, "requires_grad", False))
-        impl = choose_impl(x, expert_idx.numel(), needs_grad)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown MoE impl {impl!r}; choose one of {('auto',) + IMPLS}")
+    Expert e is  act(x @ gate_proj[e].T) * (x @ up_proj[e].T)  (SwiGLU) when gate_proj is given, else
+    act(x @ up_proj[e].T + up_bias[e]);  then  @ down_proj[e].T + down_bias[e]."""
+    if dispatch == "auto":
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or getattr(up_proj, "requires_grad", False))
+        dispatch = choose_dispatch(x, expert_idx.numel(), needs_grad)
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose one of {('auto',) + DISPATCHES}")
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and not isinstance(w_in, tuple):
+    if torch.is_autocast_enabled(dev) and not isinstance(up_proj, tuple):
         # The custom op is invisible to autocast, so cast here as F.linear would: every path
         # then computes (and returns) the autocast dtype, like the dense layers around it.
         dt = torch.get_autocast_dtype(dev)
-        x, w_in, w_out, w_gate, b_in, b_out = (
-            None if t is None else t.to(dt) for t in (x, w_in, w_out, w_gate, b_in, b_out)
+        x, up_proj, down_proj, gate_proj, up_bias, down_bias = (
+            None if t is None else t.to(dt) for t in (x, up_proj, down_proj, gate_proj, up_bias, down_bias)
         )
-    weights = (w_in, w_out, w_gate, b_in, b_out)
-    return _DISPATCH[impl](x, expert_idx, expert_weight.to(x.dtype), weights, act)
+    weights = ExpertWeights(up_proj, down_proj, gate_proj, up_bias, down_bias)
+    return _DISPATCH[dispatch](x, expert_idx, expert_weight.to(x.dtype), weights, act)
 
 
 def _expert(x, linear, weights, act):
     """The expert MLP on rows x; linear(x, w, b) applies each row's own expert's w and b."""
-    w_in, w_out, w_gate, b_in, b_out = weights
-    h = linear(x, w_in, b_in)
-    h = act(h) if w_gate is None else act(linear(x, w_gate, None)) * h
-    return linear(h, w_out, b_out)
+    up_proj, down_proj, gate_proj, up_bias, down_bias = weights  # an ExpertWeights
+    h = linear(x, up_proj, up_bias)
+    h = act(h) if gate_proj is None else act(linear(x, gate_proj, None)) * h
+    return linear(h, down_proj, down_bias)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -88,7 +101,7 @@ def _moe_loop(x, idx, weight, weights, act):
     out = torch.zeros_like(x)
     for e in range(num_experts(weights[0])):
         tok, slot = torch.where(idx == e)
-        y = _expert(x[tok], linear, [pick(w, e) for w in weights], act)
+        y = _expert(x[tok], linear, ExpertWeights(*(pick(w, e) for w in weights)), act)
         out.index_add_(0, tok, y * weight[tok, slot, None])
     return out
 
@@ -120,7 +133,7 @@ def _moe_gather_eager(x, experts, weight, weights, act):
     rows = []
     for r, e in enumerate(experts):
         t = r // k
-        y = _expert(x[t : t + 1], linear, [pick(w, e) for w in weights], act)
+        y = _expert(x[t : t + 1], linear, ExpertWeights(*(pick(w, e) for w in weights)), act)
         rows.append(y * weight[t, r % k])
     return torch.cat(rows).unflatten(0, (x.shape[0], k)).sum(1)
 

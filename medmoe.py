@@ -397,10 +397,10 @@ class Experts(nn.Module):
         scales = getattr(self, f"{name}_scales", None)
         return w if scales is None or w is None else (w, scales)
 
-    def forward(self, x, expert_idx, expert_weight, impl="auto"):
+    def forward(self, x, expert_idx, expert_weight, dispatch="auto"):
         return kernels.moe_mlp(
-            x, expert_idx, expert_weight, self.weight("up_proj"), self.weight("down_proj"), w_gate=self.weight("gate_proj"),
-            b_in=self.up_bias, b_out=self.down_bias, act=self.act, impl=impl,
+            x, expert_idx, expert_weight, self.weight("up_proj"), self.weight("down_proj"), gate_proj=self.weight("gate_proj"),
+            up_bias=self.up_bias, down_bias=self.down_bias, act=self.act, dispatch=dispatch,
         )
 
 
@@ -448,7 +448,7 @@ class MoE(nn.Module):
         with torch.no_grad():
             # index_add_, not bincount: its output length is static, so no graph break under compile
             self.tokens_per_expert.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
-        out = self.experts(x, idx, weight.to(x.dtype), impl=self.moe.dispatch)
+        out = self.experts(x, idx, weight.to(x.dtype), dispatch=self.moe.dispatch)
         if self.meta_expert is not None:
             out = out + self.meta_expert(x)
         return out.view(shape), logits

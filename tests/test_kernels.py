@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import kernels
-from kernels import IMPLS, moe_mlp
+from kernels import DISPATCHES, moe_mlp
 
 E, H, FF = 4, 16, 24  # H and FF keep strides 16-byte aligned, so CPU takes F.grouped_mm
 
@@ -30,8 +30,8 @@ def make(T, k, dtype, gated=False, bias=False, seed=0):
 
 def run(impl, x, idx, weight, w, act=F.gelu, fn=moe_mlp):
     """Output and gradients w.r.t. x, the combine weights and every given expert tensor."""
-    out = fn(x, idx, weight, w["w_in"], w["w_out"], w_gate=w["w_gate"], b_in=w["b_in"],
-             b_out=w["b_out"], act=act, impl=impl)
+    out = fn(x, idx, weight, w["w_in"], w["w_out"], gate_proj=w["w_gate"], up_bias=w["b_in"],
+             down_bias=w["b_out"], act=act, dispatch=impl)
     leaves = [x, weight] + [t for t in w.values() if t is not None]
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((out.float() * probe).sum(), leaves)
@@ -70,8 +70,8 @@ def test_impl_matches_loop(impl, dtype, gated, bias, k, T):
 @pytest.mark.parametrize("gated", [False, True])
 def test_loop_matches_hand_computed(gated):
     x, idx, weight, w = make(3, 2, torch.float64, gated, bias=not gated)
-    out = moe_mlp(x, idx, weight, w["w_in"], w["w_out"], w_gate=w["w_gate"], b_in=w["b_in"],
-                  b_out=w["b_out"], act=F.silu, impl="loop")
+    out = moe_mlp(x, idx, weight, w["w_in"], w["w_out"], gate_proj=w["w_gate"], up_bias=w["b_in"],
+                  down_bias=w["b_out"], act=F.silu, dispatch="loop")
     for t in range(3):
         want = torch.zeros(H, dtype=torch.float64)
         for j in range(2):
@@ -89,7 +89,7 @@ def test_loop_matches_hand_computed(gated):
 def test_autocast_computes_in_autocast_dtype():
     x, idx, weight, w = make(5, 2, torch.float32, bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = [run(impl, x, idx, weight, w) for impl in IMPLS]
+        outs = [run(impl, x, idx, weight, w) for impl in DISPATCHES]
     assert outs[0][0].dtype == torch.bfloat16
     for out in outs[1:]:
         assert_close(out, outs[0], TOL[torch.bfloat16])
@@ -97,18 +97,18 @@ def test_autocast_computes_in_autocast_dtype():
 
 def test_auto_choice(monkeypatch):
     x = torch.zeros(1, H)
-    assert kernels.choose_impl(x, kernels.EAGER_GATHER_MAX_ROWS) == "gather"  # eager: one decoded token
-    assert kernels.choose_impl(x, kernels.EAGER_GATHER_MAX_ROWS + 1) == "grouped"
-    assert kernels.choose_impl(x, 1, needs_grad=True) == "grouped"  # training never takes gather
+    assert kernels.choose_dispatch(x, kernels.EAGER_GATHER_MAX_ROWS) == "gather"  # eager: one decoded token
+    assert kernels.choose_dispatch(x, kernels.EAGER_GATHER_MAX_ROWS + 1) == "grouped"
+    assert kernels.choose_dispatch(x, 1, needs_grad=True) == "grouped"  # training never takes gather
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as while dynamo traces
-    assert kernels.choose_impl(x, kernels.GATHER_MAX_ROWS) == "gather"
-    assert kernels.choose_impl(x, kernels.GATHER_MAX_ROWS + 1) == "grouped"
+    assert kernels.choose_dispatch(x, kernels.GATHER_MAX_ROWS) == "gather"
+    assert kernels.choose_dispatch(x, kernels.GATHER_MAX_ROWS + 1) == "grouped"
 
 
 def test_unknown_impl_raises():
     x, idx, weight, w = make(2, 1, torch.float32)
     with pytest.raises(ValueError, match=r"loop.*grouped.*gather"):
-        moe_mlp(x, idx, weight, w["w_in"], w["w_out"], impl="bogus")
+        moe_mlp(x, idx, weight, w["w_in"], w["w_out"], dispatch="bogus")
 
 
 # ----------------------------------------------------------------------------- grouped GEMM op

@@ -109,7 +109,8 @@ def routed(T, k, seed=0):
 
 
 def moe(x, idx, weight, w, impl, fn=kernels.moe_mlp):
-    return fn(x, idx, weight, w["w_in"], w["w_out"], w_gate=w["w_gate"], b_in=w["b_in"], b_out=w["b_out"], act=F.silu, impl=impl)
+    return fn(x, idx, weight, w["w_in"], w["w_out"], gate_proj=w["w_gate"], up_bias=w["b_in"], down_bias=w["b_out"], act=F.silu,
+              dispatch=impl)
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped", "gather", "auto"])
