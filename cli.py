@@ -72,8 +72,9 @@ def convert(out, vision, llm, llava, medmoe_dir, model_dir, dtype, quantize, gro
 
 
 def describe(model, directory=None):
-    """What `medmoe info` prints about a Med-MoE model: architecture, parameter counts, how the weights are stored (and
-    their size on disk, given the checkpoint directory) and how many bytes decoding reads."""
+    """What `medmoe info` prints about a Med-MoE model: architecture, parameter counts, how the
+    weights are stored (and their size on disk, given the checkpoint directory) and how many bytes
+    decoding reads."""
     c, v, moe = model.cfg.llm, model.cfg.vision, model.cfg.moe
     p = medmoe.count_params(model)
     B = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"

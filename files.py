@@ -3,8 +3,6 @@ writing safetensors files. Imports nothing of ours (see the README's Architectur
 
 import ctypes
 import json
-import math
-import mmap
 import os
 
 import torch
@@ -42,40 +40,25 @@ def write_bytes(path, data):
         f.write(data)
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+# the writer's dtype names (safetensors' own)
+SAFETENSORS_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
-SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def read_safetensors(path):
-    """Memory-map a .safetensors file: tensors are views of the file, read lazily by the OS.
-    (Copy-on-write mapping, so training may update them without touching the file.)
-    Read by hand, not with safetensors.safe_open: its tensors are copies, and a 2.6 GiB
-    quantized checkpoint would then be resident twice over while loading."""
+    """The tensors of a .safetensors file, memory-mapped by safetensors: views of the file read
+    lazily by the OS, copy-on-write (training may update them without touching the file). The
+    library checks the header (every tensor's byte span matches its dtype and shape, spans do not
+    overlap and cover the data), so a corrupted file never loads."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n <= 1 or 8 + n > size:
-                raise MedMoEError(f"{path}: not a safetensors file, or truncated")
-            header = json.loads(f.read(n))
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise MedMoEError(f"{path}: cannot read safetensors header ({e})") from None
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise MedMoEError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        count = math.prod(info["shape"])
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.view(info["shape"])
-    return tensors
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
+    except SafetensorError as e:
+        raise MedMoEError(f"{path}: not a safetensors file, or truncated or corrupt ({e})") from None
 
 
 def read_weights(directory):

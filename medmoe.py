@@ -91,6 +91,7 @@ ARCHS = {
     "llama": dict(norm="rmsnorm", act="silu", gated_mlp=True),
 }
 
+
 @dataclass
 class MoEConfig:
     num_experts: int = 4

@@ -148,3 +148,22 @@ def test_convert_argument_errors(tmp_path, sources):
     assert_clean_error(run("convert", tmp_path / "o", "--llm", sources / "phi"), "--vision")
     assert_clean_error(run("convert", tmp_path / "o"), "exactly one of")
     assert_clean_error(run("convert", tmp_path / "o", "--vision", tmp_path / "nope", "--llm", sources / "phi"), "not a directory")
+
+
+def test_a_byte_span_that_disagrees_with_dtype_and_shape_never_loads(tmp_path, converted):
+    """A header whose tensor claims more (or fewer) bytes than dtype x shape, or spans that overlap,
+    is refused in one line instead of loading garbage weights (issue 13)."""
+    shutil.copytree(converted, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and v["shape"] and v["shape"][0] > 1)
+    header[name]["shape"][0] -= 1  # the span now holds more bytes than its shape
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n :])
+    with pytest.raises(medmoe.MedMoEError, match="corrupt"):
+        medmoe.load_model(str(tmp_path / "m"))
+    assert_clean_error(run("ask", "--model", tmp_path / "m", "x.png", "q"), "model.safetensors")
