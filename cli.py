@@ -3,16 +3,19 @@ Bad input is one line on stderr and exit status 1, never a traceback."""
 
 import json
 import os
+import signal
+import sys
 
 import click
 import torch
 
-import contrastive
-import convert as converter
-import data
 import medmoe
-from files import MedMoEError, read_json
+from medmoe import contrastive, data
+from medmoe import convert as converter
+from medmoe.files import MedMoEError, read_json
 
+# Every number a user types is checked where it enters: one line, never a traceback (issue 13)
+POSITIVE, COUNT, SEED = click.IntRange(min=1), click.IntRange(min=0), click.IntRange(0, 2**63 - 1)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODALITIES = ",".join(contrastive.ContrastiveConfig.modalities)  # MedMoE's experts (the authors' code)
 
@@ -22,6 +25,11 @@ def split_list(text):
 
 
 class Group(click.Group):
+    def main(self, *args, **kwargs):
+        if signal.getsignal(signal.SIGINT) is getattr(sys.modules.get("medmoe"), "abort", None):  # see __init__.py
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Click answers Ctrl-C with "Aborted!"
+        return super().main(*args, **kwargs)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -49,11 +57,11 @@ def main():
 @click.option("--quantize-vision", is_flag=True, help="Quantize the vision tower too.")
 @click.option("--feature-layer", type=int, default=-2, show_default=True, help="Vision hidden state fed to the projector.")
 @click.option("--template", default=None, help="Conversation template (default: the decoder's).")
-@click.option("--max-seq-len", type=int, default=None, help="Context length (default: the decoder's).")
+@click.option("--max-seq-len", type=POSITIVE, default=None, help="Context length (default: the decoder's).")
 @click.option("--swin", type=click.Path(), help="MedMoE: Hugging Face Swin directory (with --bert).")
 @click.option("--bert", type=click.Path(), help="MedMoE: Hugging Face BERT directory, e.g. Bio_ClinicalBERT (with --swin).")
 @click.option("--modalities", default=MODALITIES, show_default=True, help="MedMoE: one expert per modality.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of freshly initialised layers (projector; experts, router).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of freshly initialised layers (projector; experts, router).")
 def convert(out, vision, llm, llava, medmoe_dir, model_dir, dtype, quantize, group_size, quantize_vision, feature_layer, template,
             max_seq_len, swin, bert, modalities, seed):
     """Make a checkpoint directory OUT (config.json, model.safetensors, tokenizer.json): Med-MoE from
@@ -65,8 +73,9 @@ def convert(out, vision, llm, llava, medmoe_dir, model_dir, dtype, quantize, gro
         click.echo(f"wrote {out}\n{describe_contrastive(model)}")
         return
     quant = quant_config(quantize, group_size, quantize_vision)
-    model = converter.convert(out, vision=vision, llm=llm, llava=llava, released=medmoe_dir, ours=model_dir, dtype=DTYPES.get(dtype),
-                                quant=quant, feature_layer=feature_layer, template=template, max_seq_len=max_seq_len, seed=seed)
+    source = converter.Sources(vision=vision, llm=llm, llava=llava, released=medmoe_dir, ours=model_dir)
+    choices = converter.Choices(feature_layer=feature_layer, template=template, max_seq_len=max_seq_len, seed=seed)
+    model = converter.convert(out, source, DTYPES.get(dtype), quant, choices)
     click.echo(f"wrote {out}")
     click.echo(describe(model, out))
 
@@ -155,10 +164,10 @@ def info(directory):
 @click.option("--kind", type=click.Choice(["med-moe", "contrastive"]), default="med-moe", show_default=True,
               help="med-moe: the VQA model; contrastive: MedMoE (Swin + modality experts + BERT).")
 @click.option("--modalities", default=MODALITIES, show_default=True, help="contrastive: one expert per modality.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def init(out, data_files, images, preset, template, kind, modalities, seed):
     """A model trained from scratch starts here: random weights and a tokenizer fitted to DATA."""
-    import train as trainer
+    from medmoe import train as trainer
 
     if kind == "contrastive":
         examples = [ex for path in data_files for ex in data.load_examples(path, images)]
@@ -172,70 +181,72 @@ def init(out, data_files, images, preset, template, kind, modalities, seed):
     click.echo(describe(model))
 
 
+def stage_number(ctx, param, value):
+    return int(value) if value and value.isdigit() else value
+
+
+def layer_list(ctx, param, value):
+    """--moe-layers: a named placement, or layer ids like 0,2,4."""
+    return [int(i) for i in split_list(value)] if value[:1].isdigit() else value
+
+
 @main.command()
-@click.option("--stage", type=click.Choice(["1", "2", "3", "contrastive"]), required=True,
+@click.option("--stage", type=click.Choice(["1", "2", "3", "contrastive"]), required=True, callback=stage_number,
               help="Med-MoE: 1 align, 2 instruct (+ router), 3 MoE; contrastive: MedMoE.")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Checkpoint to start from.")
-@click.option("--data", "data_files", required=True, multiple=True, type=click.Path(), help="Training records, JSON/JSONL (repeatable).")
+@click.option("--model", required=True, type=click.Path(), help="Checkpoint to start from.")
+@click.option("--data", required=True, multiple=True, type=click.Path(), callback=lambda c, p, v: list(v),
+              help="Training records, JSON/JSONL (repeatable).")
 @click.option("--images", type=click.Path(), help="Image folder (default: each data file's folder).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (checkpoints, log, loss.png, final model).")
 @click.option("--val-data", type=click.Path(), help="Validation records: loss every --eval-every steps and at the end.")
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (the schedule ends there).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Per process.")
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, help="Default per stage: 1e-3, 2e-5, 2e-5 (the released scripts); contrastive 5e-5 (MedMoE).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--warmup", type=float, default=0.03, show_default=True, help="Warmup fraction of the steps.")
-@click.option("--clip", type=float, help="Gradient-norm clip, 0: off (default 1.0; contrastive 0.25, as MedMoE).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=POSITIVE, default=1, show_default=True)
+@click.option("--max-steps", type=POSITIVE, help="Stop after this many optimizer steps (the schedule ends there).")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True, help="Per process.")
+@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Default per stage: 1e-3, 2e-5, 2e-5 (the released scripts); contrastive 5e-5 (MedMoE).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.03, show_default=True, help="Warmup fraction of the steps.")
+@click.option("--clip", type=click.FloatRange(min=0), help="Gradient-norm clip, 0: off (default 1.0; contrastive 0.25, as MedMoE).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast on GPUs that support it, else fp32.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute blocks in backward (less memory).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile each decoder block.")
+@click.option("--compile", is_flag=True, help="torch.compile each decoder block.")
 @click.option("--template", help="Conversation template (default: plain for stage 1, else the model's).")
 @click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), help="Default: crop (stage 1), pad (stages 2-3).")
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower (models trained from scratch).")
 @click.option("--train-text", is_flag=True, help="contrastive: also train the text encoder (models trained from scratch).")
-@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: at the end).")
-@click.option("--eval-every", type=int, default=0, show_default=True)
-@click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints to keep.")
+@click.option("--save-every", type=COUNT, default=0, show_default=True, help="Checkpoint every N steps (0: at the end).")
+@click.option("--eval-every", type=COUNT, default=0, show_default=True)
+@click.option("--keep", type=POSITIVE, default=2, show_default=True, help="Checkpoints to keep.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest exactly.")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard with FSDP2 instead of DDP.")
-@click.option("--workers", type=int, default=0, show_default=True, help="Image-loading worker processes.")
-@click.option("--moe-layers", default="sparse", show_default=True, help="sparse | dense | first_half | second_half | ids like 0,2,4.")
-@click.option("--num-experts", type=int, default=4, show_default=True)
-@click.option("--router-steps", type=int, default=300, show_default=True, help="Stage 2: router (modality classifier) fitting steps.")
-@click.option("--top-k", type=int, default=1, show_default=True, help="Stage 3: experts per token (plus the meta expert).")
-@click.option("--no-meta-expert", is_flag=True, help="Stage 3 ablation: no always-on meta expert.")
-@click.option("--router", "router_file", type=click.Path(), help="Stage 3: router (default MODEL/router.safetensors; Med-MoE .pth too).")
+@click.option("--workers", type=COUNT, default=0, show_default=True, help="Image-loading worker processes.")
+@click.option("--moe-layers", default="sparse", show_default=True, callback=layer_list,
+              help="sparse | dense | first_half | second_half | ids like 0,2,4.")
+@click.option("--num-experts", type=POSITIVE, default=4, show_default=True)
+@click.option("--router-steps", type=COUNT, default=300, show_default=True, help="Stage 2: router (modality classifier) fitting steps.")
+@click.option("--top-k", type=POSITIVE, default=1, show_default=True, help="Stage 3: experts per token (plus the meta expert).")
+@click.option("--meta-expert/--no-meta-expert", default=True, show_default=True,
+              help="Stage 3: the always-on meta expert (--no-meta-expert: the ablation).")
+@click.option("--router", type=click.Path(), help="Stage 3: router (default MODEL/router.safetensors; Med-MoE .pth too).")
 @click.option("--learned-router", is_flag=True, help="Stage 3 ablation: train the router (use with --aux-loss-coef) instead.")
-@click.option("--aux-loss-coef", type=float, default=0.0, show_default=True, help="Load-balancing loss weight (Med-MoE 0, MoE-LLaVA 0.01).")
-def train(stage, model_dir, data_files, images, out, val_data, epochs, max_steps, batch_size, grad_accum, lr, weight_decay, warmup,
-          clip, seed, precision, grad_checkpointing, compile_, template, image_mode, train_vision, train_text, save_every, eval_every, keep,
-          resume, fsdp, workers, moe_layers, num_experts, router_steps, top_k, no_meta_expert, router_file, learned_router,
-          aux_loss_coef):
-    """Train one stage; the same command runs under `torchrun --nproc_per_node N`."""
-    import train as trainer
+@click.option("--aux-loss-coef", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Load-balancing loss weight (Med-MoE 0, MoE-LLaVA 0.01).")
+def train(**options):
+    """Train one stage; the same command runs under `torchrun --nproc_per_node N`. Each option is
+    the TrainArgs field of the same name."""
+    from medmoe import train as trainer
 
-    stage = int(stage) if stage.isdigit() else stage
-    layers = [int(i) for i in moe_layers.split(",")] if moe_layers[:1].isdigit() else moe_layers
-    args = trainer.TrainArgs(
-        stage=stage, model=model_dir, data=list(data_files), out=out, images=images, val_data=val_data, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup,
-        clip=clip, seed=seed, precision=precision, grad_checkpointing=grad_checkpointing, compile=compile_, template=template,
-        image_mode=image_mode, train_vision=train_vision,
-        train_text=train_text, save_every=save_every, eval_every=eval_every, keep=keep, resume=resume,
-        fsdp=fsdp, workers=workers, moe_layers=layers, num_experts=num_experts, router_steps=router_steps, top_k=top_k,
-        meta_expert=not no_meta_expert, router=router_file, learned_router=learned_router, aux_loss_coef=aux_loss_coef,
-    )
-    result = trainer.train(args, log=click.echo)
+    a = trainer.TrainArgs(**options)
+    result = trainer.train(a, log=click.echo)
     if result.get("interrupted"):
         raise SystemExit(130)
     if not result["main"]:  # under torchrun, process 0 reports
         return
     losses = result.get("losses") or [float("nan")]
-    click.echo(f"stage {stage}: {result['steps']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {out}")
+    click.echo(f"stage {a.stage}: {result['steps']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {a.out}")
 
 
 # ----------------------------------------------------------------------------- using a model
@@ -258,7 +269,7 @@ def model_options(f):
 
 
 def assistant(model_dir, device, image_mode, compile_, dtype):
-    import vqa
+    from medmoe import vqa
 
     quant = quant_config(dtype) if dtype in ("int8", "int4") else None
     return vqa.Assistant(vqa.find_model(model_dir), device=device, dtype=DTYPES.get(dtype), quant=quant, image_mode=image_mode,
@@ -281,10 +292,10 @@ def echo_stream(pieces):
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--show-routing", is_flag=True, help="Which modality the router sees; experts chosen per MoE layer.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=256, show_default=True)
 def ask(image, question, model_dir, device, image_mode, compile_, dtype, as_json, show_routing, max_new_tokens):
     """Answer QUESTION about IMAGE (PNG, JPEG, TIFF, BMP; DICOM with the dicom extra)."""
-    import vqa
+    from medmoe import vqa
 
     a = assistant(model_dir, device, image_mode, compile_, dtype)
     pixels = a.pixels(image)
@@ -299,7 +310,7 @@ def ask(image, question, model_dir, device, image_mode, compile_, dtype, as_json
 
 def answer_aloud(a, pixels, question, max_new_tokens=256, show_routing=False):
     """Stream the answer; then, if asked, how the question and answer were routed."""
-    import vqa
+    from medmoe import vqa
 
     answer = echo_stream(a.stream(pixels, [(question, None)], max_new_tokens))
     if show_routing:
@@ -309,7 +320,7 @@ def answer_aloud(a, pixels, question, max_new_tokens=256, show_routing=False):
 @main.command()
 @click.argument("image", type=click.Path())
 @model_options
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=256, show_default=True)
 def chat(image, model_dir, device, image_mode, compile_, dtype, max_new_tokens):
     """A conversation about IMAGE; the history stays in the prompt. Ctrl-D or Ctrl-C quits."""
     a = assistant(model_dir, device, image_mode, compile_, dtype)
@@ -332,20 +343,45 @@ def chat(image, model_dir, device, image_mode, compile_, dtype, max_new_tokens):
         click.echo()
 
 
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; any but this machine's needs an API key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--api-key", envvar="MEDMOE_API_KEY", help="Required on every API request as 'Authorization: Bearer KEY' "
+                                                         "(default: $MEDMOE_API_KEY).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Requests decoded together.")
+@click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True, help="Cap on a request's max_tokens.")
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=25.0, show_default=True, help="Cap on a request's size.")
+@click.option("--max-image-pixels", type=click.IntRange(1, 89_478_485), default=40_000_000, show_default=True,
+              help="Cap on an image's width x height, checked before decoding.")
+@click.option("--log-requests", is_flag=True, help="Log questions, answers and image digests (patients' data: off by default).")
+def serve(model_dir, device, image_mode, compile_, dtype, host, port, api_key, max_batch, max_tokens, max_body_mb, max_image_pixels,
+          log_requests):
+    """OpenAI-compatible API (/v1/chat/completions) and a browser page (/) for a model."""
+    try:
+        from medmoe import serve as server
+    except ImportError as e:
+        raise MedMoEError(f"medmoe serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
+
+    server.check_host(host, api_key)  # before minutes of loading a model
+    a = assistant(model_dir, device, image_mode, compile_, dtype)
+    limits = server.Limits(max_body=int(max_body_mb * 2**20), max_pixels=max_image_pixels, max_tokens=max_tokens, max_batch=max_batch)
+    server.run(a, host, port, api_key, limits, log_requests, echo=click.echo)
+
+
 @main.command("eval")
 @click.option("--data", "data_file", required=True, type=click.Path(), help="Test records: LLaVA test JSON or VQA JSONL.")
 @click.option("--images", type=click.Path(), help="Image folder (default: the data file's folder).")
 @model_options
 @click.option("--out", default="predictions.jsonl", show_default=True, type=click.Path(dir_okay=False),
               help="Predictions JSONL (the authors' format); an existing file is resumed.")
-@click.option("--limit", type=int, help="Only the first N records.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--limit", type=POSITIVE, help="Only the first N records.")
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(data_file, images, model_dir, device, image_mode, compile_, dtype, out, limit, batch_size, max_new_tokens, as_json):
     """Greedy answers to a VQA test file, scored as the Med-MoE authors score them."""
-    import scorer
-    import vqa
+    from medmoe import scorer, vqa
 
     examples = data.load_examples(data_file, images)[:limit]
     if not examples:
@@ -363,18 +399,15 @@ def evaluate(data_file, images, model_dir, device, image_mode, compile_, dtype, 
 @model_options
 @click.option("--question", help="Question asked with each image (default: each record's own; for IMAGES, a generic one).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the expert-load heatmap here (PNG).")
-@click.option("--limit", type=int, help="Only the first N records of --data.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--limit", type=POSITIVE, help="Only the first N records of --data.")
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True)
 def route(images, data_file, images_dir, model_dir, device, image_mode, compile_, dtype, question, plot, limit, batch_size):
     """Expert load per MoE layer over IMAGES or --data: do the experts specialise?"""
-    import plots
-    import vqa
+    from medmoe import plots, vqa
 
     if not images and not data_file:
         raise MedMoEError("give IMAGE files or --data FILE")
-    examples = [data.Example(id=p, image=p, turns=[(question or "What is shown in this image?", None)]) for p in images]
-    if data_file:
-        examples += data.load_examples(data_file, images_dir)[:limit]
+    examples = vqa.routing_records(images, data_file, images_dir, limit, question)
     a = assistant(model_dir, device, image_mode, compile_, dtype)
     s = vqa.routing_summary(a, examples, vqa.route_many(a, examples, batch_size, question))
     width = max(len(label) for label in s["row_labels"])
@@ -392,7 +425,7 @@ def route(images, data_file, images_dir, model_dir, device, image_mode, compile_
 
 
 def contrastive_model(model_dir, device):
-    import vqa
+    from medmoe import vqa
 
     dev, _ = vqa.pick_device(device)
     path = model_dir or os.environ.get("MEDMOE_MODEL")
@@ -424,19 +457,13 @@ def classify(images, labels, data_files, images_dir, field, model_dir, device, i
         more, more_truth = contrastive.labelled_images(data_files, images_dir, field)
         paths, truth = paths + more, truth + more_truth
         names = names if labels else sorted(set(more_truth))
-    emb, experts = contrastive.embed_images(model, paths, image_mode, progress=bool(data_files))
-    probs = contrastive.zero_shot_scores(model, tok, emb, names)
-    for path, p, e in zip(images, probs, experts):
-        ranked = sorted(zip(names, p.tolist()), key=lambda kv: -kv[1])
-        click.echo(f"{path}: " + ", ".join(f"{n} {v:.1%}" for n, v in ranked) + f"  (routed to the {model.cfg.modalities[e]} expert)")
-    labelled = [i for i, t in enumerate(truth) if t is not None]
-    if labelled:
-        hits = sum(names[int(probs[i].argmax())] == truth[i] for i in labelled)
-        click.echo(f"zero-shot {field} accuracy: {hits / len(labelled):.1%} of {len(labelled)} images ({', '.join(names)})")
-        routed = [i for i in labelled if truth[i] in model.cfg.modalities]
-        if field == "modality" and routed:
-            right = sum(model.cfg.modalities[experts[i]] == truth[i] for i in routed)
-            click.echo(f"router modality accuracy: {right / len(routed):.1%} of {len(routed)} images")
+    r = contrastive.classify(model, tok, paths, names, truth, image_mode, progress=bool(data_files))
+    for path, ranked, expert in zip(images, r["ranked"], r["experts"]):
+        click.echo(f"{path}: " + ", ".join(f"{n} {v:.1%}" for n, v in ranked) + f"  (routed to the {expert} expert)")
+    if r["accuracy"] is not None:
+        click.echo(f"zero-shot {field} accuracy: {r['accuracy']:.1%} of {r['labelled']} images ({', '.join(names)})")
+    if field == "modality" and r["router_accuracy"] is not None:
+        click.echo(f"router modality accuracy: {r['router_accuracy']:.1%} of {r['routed']} images")
 
 
 @main.command()
@@ -450,7 +477,7 @@ def classify(images, labels, data_files, images_dir, field, model_dir, device, i
 @click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True)
 def probe(train_files, test_files, images_dir, field, model_dir, device, image_mode):
     """Linear probe: a linear classifier on frozen global image embeddings, accuracy on held-out images."""
-    import train as trainer
+    from medmoe import train as trainer
 
     model, _ = contrastive_model(model_dir, device)
     train_paths, train_y = contrastive.labelled_images(train_files, images_dir, field)
@@ -465,15 +492,17 @@ def probe(train_files, test_files, images_dir, field, model_dir, device, image_m
 @click.option("--source", type=click.Path(file_okay=False), help="A folder of VQA records with modality labels (e.g. ../shared/data) "
               "instead of the images packaged in pydicom, pydicom-data, nibabel and scikit-image.")
 @click.option("--out", type=click.Path(file_okay=False), help="Where to build it (default: the demo home, where `ask` finds the model).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def demo(source, out, seed):
     """Train a tiny Med-MoE from scratch on real medical images, offline, and ask it a question."""
-    import demo as demo_lib
-    import scorer
-    import vqa
+    from medmoe import demo as demo_lib
+    from medmoe import scorer, vqa
 
     out = out or os.path.dirname(vqa.demo_dir())
     r = demo_lib.run(out, source, seed, log=click.echo)
+    if r.get("interrupted"):
+        click.echo(f"the demo stopped in stage {r['interrupted']}: `medmoe demo` starts it over", err=True)
+        raise SystemExit(130)
     click.echo(f"\nheld-out questions ({len(r['test'])}, images never used in training), scored as the Med-MoE authors do:")
     click.echo(scorer.format_table(r["scores"]))
     routing = r["routing"]

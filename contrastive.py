@@ -28,11 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import kernels
 import medmoe
-from files import MedMoEError, read_json, read_safetensors
-from medmoe import Attention, FeedForward
+from medmoe import Attention, FeedForward, data, kernels
+from medmoe.files import MedMoEError, from_json, read_json, read_safetensors
 
 KIND = "medmoe-contrastive"  # config.json's marker: a MedMoE (Swin + experts + BERT) checkpoint
 
@@ -114,10 +112,24 @@ class ContrastiveConfig:
     def to_dict(self):
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d):
-        d = dict(d)
-        return cls(swin=SwinConfig(**d.pop("swin")), text=TextConfig(**d.pop("text")), **d)
+
+# Shapes for models trained from scratch on a CPU (no pretrained Swin or BERT offline): the tests
+# and bench/contrastive_shared.py. vocab: the size their tokenizer is trained to.
+PRESETS = {
+    "tiny": dict(image=64, embed=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window=4, text=64, text_layers=2, vocab=1000),
+    "small": dict(image=96, embed=48, depths=(2, 2, 4, 2), heads=(2, 4, 8, 16), window=6, text=128, text_layers=4, vocab=2000),
+}
+
+
+def preset_config(name, modalities):
+    """A Swin and a BERT at a preset's shapes; its vocab_size is the preset's until a tokenizer is trained."""
+    if name not in PRESETS:
+        raise MedMoEError(f"unknown preset {name!r} (choose {', '.join(PRESETS)})")
+    p = PRESETS[name]
+    swin = SwinConfig(image_size=p["image"], embed_dim=p["embed"], depths=p["depths"], num_heads=p["heads"], window_size=p["window"])
+    text = TextConfig(vocab_size=p["vocab"], hidden_size=p["text"], num_layers=p["text_layers"], num_heads=max(1, p["text"] // 64),
+                      intermediate_size=p["text"] * 4, max_positions=64)
+    return ContrastiveConfig(swin=swin, text=text, modalities=tuple(modalities))
 
 
 # ----------------------------------------------------------------------------- Swin backbone
@@ -531,11 +543,12 @@ def gloria_loss(regions, img_emb, words, word_mask, sentence):
 
 
 def load_config(directory):
-    d = read_json(os.path.join(directory, "config.json"))
+    path = os.path.join(directory, "config.json")
+    d = read_json(path)
     if d.get("kind") != KIND:
         raise MedMoEError(f"{directory}: not a MedMoE contrastive checkpoint (make one with `medmoe init --kind contrastive` "
                           "or `medmoe convert --swin DIR --bert DIR`)")
-    return ContrastiveConfig.from_dict(d)
+    return from_json(ContrastiveConfig, d, path)
 
 
 def load_model(directory, dtype=None, device="cpu"):
@@ -605,25 +618,15 @@ def encode_captions(tokenizer, captions):
     return ids, mask, pieces
 
 
-# Shapes for models trained from scratch on a CPU (no pretrained Swin or BERT offline).
-PRESETS = {
-    "tiny": dict(image=64, embed=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window=4, text=64, text_layers=2, vocab=1000),
-    "small": dict(image=96, embed=48, depths=(2, 2, 4, 2), heads=(2, 4, 8, 16), window=6, text=128, text_layers=4, vocab=2000),
-}
-
-
 def init_model(out, captions, modalities, preset="tiny", seed=0):
-    """A randomly initialised MedMoE with a WordPiece vocabulary fitted to `captions`."""
-    if preset not in PRESETS:
-        raise MedMoEError(f"unknown preset {preset!r} (choose {', '.join(PRESETS)})")
-    p = PRESETS[preset]
+    """A randomly initialised MedMoE at a preset's shapes (PRESETS) with a WordPiece vocabulary
+    fitted to `captions`."""
+    cfg = preset_config(preset, modalities)
     os.makedirs(out, exist_ok=True)
-    tok = train_wordpiece(captions, p["vocab"], os.path.join(out, "tokenizer.json"))
-    swin = SwinConfig(image_size=p["image"], embed_dim=p["embed"], depths=p["depths"], num_heads=p["heads"], window_size=p["window"])
-    text = TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=p["text"], num_layers=p["text_layers"],
-                      num_heads=max(1, p["text"] // 64), intermediate_size=p["text"] * 4, max_positions=64)
+    tok = train_wordpiece(captions, cfg.text.vocab_size, os.path.join(out, "tokenizer.json"))
+    cfg.text.vocab_size = tok.get_vocab_size()
     torch.manual_seed(seed)
-    model = ContrastiveMedMoE(ContrastiveConfig(swin=swin, text=text, modalities=tuple(modalities)))
+    model = ContrastiveMedMoE(cfg)
     save_model(model, out)
     return model
 
@@ -708,3 +711,22 @@ def zero_shot_scores(model, tokenizer, embeddings, labels, prompts=PROMPTS):
     (the mean of its prompts' unit sentence embeddings); softmax over cosine similarity x TEMP3."""
     classes = torch.stack([model.embed_texts(tokenizer, [p.format(name) for p in prompts]).mean(0) for name in class_names(labels)])
     return (F.normalize(embeddings, dim=-1) @ F.normalize(classes.cpu().float(), dim=-1).T * TEMP3).softmax(-1)
+
+
+def classify(model, tokenizer, paths, names, truth, image_mode="pad", progress=False):
+    """Zero-shot classification of images into `names`, with the expert each image was routed to.
+    truth: each image's label or None; over the labelled ones, the zero-shot accuracy and (for
+    labels that are the model's modalities) the router's. Returns ranked [(name, p), ...] per
+    image, experts (modality names), and the accuracies with their counts (None: nothing to judge)."""
+    embeddings, experts = embed_images(model, paths, image_mode, progress=progress)
+    probs = zero_shot_scores(model, tokenizer, embeddings, names)
+    routed_to = [model.cfg.modalities[int(e)] for e in experts]
+    labelled = [i for i, t in enumerate(truth) if t is not None]
+    routable = [i for i in labelled if truth[i] in model.cfg.modalities]
+    share = lambda hits, among: sum(hits) / len(among) if among else None
+    return {
+        "ranked": [sorted(zip(names, p.tolist()), key=lambda kv: -kv[1]) for p in probs],
+        "experts": routed_to,
+        "accuracy": share([names[int(probs[i].argmax())] == truth[i] for i in labelled], labelled), "labelled": len(labelled),
+        "router_accuracy": share([routed_to[i] == truth[i] for i in routable], routable), "routed": len(routable),
+    }

@@ -12,15 +12,13 @@ Imports files, medmoe, data and contrastive; nothing imports it but the CLI, tes
 import math
 import os
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-import contrastive
-import data
-import kernels
 import medmoe
-from files import MedMoEError, atomic_write, read_json, read_safetensors, read_weights, write_bytes
+from medmoe import contrastive, data, kernels
+from medmoe.files import MedMoEError, atomic_write, read_json, read_safetensors, read_weights, write_bytes
 
 # ----------------------------------------------------------------------------- Hugging Face, LLaVA, Med-MoE
 
@@ -215,37 +213,58 @@ def find_tokenizer(*dirs):
     return None
 
 
-def convert(out_dir, *, vision=None, llm=None, llava=None, released=None, ours=None, dtype=None, quant=None,
-            feature_layer=-2, template=None, max_seq_len=None, seed=0):
-    """Write a medmoe checkpoint directory from one of:
-    llm + vision: Hugging Face decoder and CLIP/SigLIP directories; the projector is freshly
-      initialised (seeded), ready for stage 1. llm may be a GGUF file (convert.py) instead, and
-      then vision may be left out for a text-only model;
+@dataclass
+class Sources:
+    """Where a Med-MoE checkpoint comes from: exactly one of
+    llm (+ vision): Hugging Face decoder and CLIP/SigLIP directories; the projector is freshly
+      initialised (seeded), ready for stage 1. llm may be a GGUF file instead, and then vision
+      may be left out for a text-only model;
     llava: a Hugging Face LlavaForConditionalGeneration directory;
     released: a released Med-MoE / MoE-LLaVA directory (stage 2 dense or stage 3 MoE); its saved
       CLIP tower is used unless vision is given;
-    ours: one of our own checkpoints, to cast or quantize it.
-    dtype casts the floating tensors; quant (a QuantConfig) quantizes (see `quantize`).
-    Returns the written model on the meta device (for `describe`)."""
-    if sum(x is not None for x in (llm, llava, released, ours)) != 1:
+    ours: one of our own checkpoints, to cast or quantize it."""
+
+    vision: str | None = None
+    llm: str | None = None
+    llava: str | None = None
+    released: str | None = None
+    ours: str | None = None
+
+
+@dataclass
+class Choices:
+    """What a conversion cannot read from its sources (each overridden where a source says)."""
+
+    feature_layer: int = -2  # the vision hidden state fed to the projector
+    template: str | None = None  # default: the decoder's (its chat template, else its architecture's)
+    max_seq_len: int | None = None  # default: the decoder's
+    seed: int = 0  # of freshly initialised layers (the projector)
+
+
+def convert(out_dir, source: Sources, dtype=None, quant=None, choices: Choices | None = None):
+    """Write a medmoe checkpoint directory from `source`. dtype casts the floating tensors; quant
+    (a QuantConfig) quantizes (see medmoe.quantize). Returns the written model on the meta
+    device (for `medmoe info`)."""
+    s, choices = source, choices or Choices()
+    if sum(x is not None for x in (s.llm, s.llava, s.released, s.ours)) != 1:
         raise MedMoEError("give exactly one of --llm (with --vision), --llava, --medmoe or --model")
-    for d in (vision, llava, released, ours):
+    for d in (s.vision, s.llava, s.released, s.ours):
         if d is not None and not os.path.isdir(d):
             raise MedMoEError(f"{d}: not a directory")
     stacks, tokenizer = {}, None
-    if ours is not None:
-        cfg = medmoe.load_config(ours)
+    if s.ours is not None:
+        cfg = medmoe.load_config(s.ours)
         if cfg.quant and quant:
-            raise MedMoEError(f"{ours} is already quantized (int{cfg.quant.bits}): quantize from its float checkpoint")
-        tensors, tokenizer = read_safetensors(os.path.join(ours, "model.safetensors")), find_tokenizer(ours)
-    elif llm is not None and os.path.isfile(llm):
-        cfg, tensors = gguf_checkpoint(out_dir, llm, vision, feature_layer, template, max_seq_len, seed)
-    elif llm is not None and not os.path.isdir(llm):
-        raise MedMoEError(f"{llm}: no such directory or GGUF file")
+            raise MedMoEError(f"{s.ours} is already quantized (int{cfg.quant.bits}): quantize from its float checkpoint")
+        tensors, tokenizer = read_safetensors(os.path.join(s.ours, "model.safetensors")), find_tokenizer(s.ours)
+    elif s.llm is not None and os.path.isfile(s.llm):
+        cfg, tensors = gguf_checkpoint(out_dir, s, choices)
+    elif s.llm is not None and not os.path.isdir(s.llm):
+        raise MedMoEError(f"{s.llm}: no such directory or GGUF file")
     else:
-        cfg, tensors, stacks = hf_checkpoint(vision, llm, llava, released, feature_layer, template, max_seq_len, seed)
-        tokenizer = find_tokenizer(llm or llava or released, vision)
-    medmoe.check_tensors(medmoe.empty_model(cfg), tensors, ours or llm or llava or released)
+        cfg, tensors, stacks = hf_checkpoint(s, choices)
+        tokenizer = find_tokenizer(s.llm or s.llava or s.released, s.vision)
+    medmoe.check_tensors(medmoe.empty_model(cfg), tensors, s.ours or s.llm or s.llava or s.released)
     fetch = lambda name: torch.stack(stacks[name]) if name in stacks else tensors[name]
     return write_converted(cfg, tensors, fetch, out_dir, tokenizer, dtype, quant)
 
@@ -289,8 +308,10 @@ def write_converted(cfg, tensors, fetch, out_dir, tokenizer_json=None, dtype=Non
     return model
 
 
-def hf_checkpoint(vision, llm, llava, released, feature_layer, template, max_seq_len, seed):
+def hf_checkpoint(source: Sources, choices: Choices):
     """(config, tensors, stacks) of a Hugging Face / LLaVA / released Med-MoE source (see convert)."""
+    vision, llm, llava, released = source.vision, source.llm, source.llava, source.released
+    feature_layer, max_seq_len = choices.feature_layer, choices.max_seq_len
     src = llm or llava or released
     hf = read_json(os.path.join(src, "config.json"))
     tensors, stacks = convert_tensors(read_weights(src), src, only=None if (llava or released) else {"llm"})
@@ -318,26 +339,27 @@ def hf_checkpoint(vision, llm, llava, released, feature_layer, template, max_seq
         raise MedMoEError("a vision tower is needed: give --vision DIR (a Hugging Face CLIP or SigLIP directory)")
     llm_cfg.lm_head_bias = "llm.lm_head.bias" in tensors  # LLaVA-Phi drops Phi-2's lm_head bias
     pre = read_json(os.path.join(vision or src, "preprocessor_config.json"), required=False)
-    template = template or default_template(llm_cfg.arch, src, llm)
+    template = choices.template or default_template(llm_cfg.arch, src, llm)
     cfg = medmoe.Config(llm=llm_cfg, vision=hf_vision_config(vis_hf, pre, feature_layer), moe=moe, template=template,
-                 projector=hf.get("image_projector_type") or hf.get("mm_projector_type") or "mlp2x_gelu")
-    return cfg, with_projector(cfg, tensors, seed), stacks
+                        projector=hf.get("image_projector_type") or hf.get("mm_projector_type") or "mlp2x_gelu")
+    return cfg, with_projector(cfg, tensors, choices.seed), stacks
 
 
-def gguf_checkpoint(out_dir, path, vision, feature_layer, template, max_seq_len, seed):
-    """(config, tensors) of a GGUF decoder (convert.py), with a CLIP/SigLIP tower and a fresh
-    projector when vision is given; writes its tokenizer.json into out_dir."""
-    llm_cfg, tensors, tokenizer_json, gguf_template = gguf_llm(path, max_seq_len)
+def gguf_checkpoint(out_dir, source: Sources, choices: Choices):
+    """(config, tensors) of a GGUF decoder (source.llm), with a CLIP/SigLIP tower and a fresh
+    projector when source.vision is given; writes its tokenizer.json into out_dir."""
+    vision = source.vision
+    llm_cfg, tensors, tokenizer_json, gguf_template = gguf_llm(source.llm, choices.max_seq_len)
     vis = None
     if vision:
         tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"})[0])
         pre = read_json(os.path.join(vision, "preprocessor_config.json"), required=False)
-        vis = hf_vision_config(read_json(os.path.join(vision, "config.json")), pre, feature_layer)
-    cfg = medmoe.Config(llm=llm_cfg, vision=vis, template=template or gguf_template)
+        vis = hf_vision_config(read_json(os.path.join(vision, "config.json")), pre, choices.feature_layer)
+    cfg = medmoe.Config(llm=llm_cfg, vision=vis, template=choices.template or gguf_template)
     if tokenizer_json is not None:
         os.makedirs(out_dir, exist_ok=True)
         atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: write_bytes(p, tokenizer_json.encode()))
-    return cfg, with_projector(cfg, tensors, seed)
+    return cfg, with_projector(cfg, tensors, choices.seed)
 
 
 def with_projector(cfg, tensors, seed):

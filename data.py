@@ -1,10 +1,11 @@
 """Data: records, images, conversation templates, tokenisation and batching for Med-MoE.
 
     records (JSON/JSONL)  ->  Example: image + (question, answer) turns  ->  token ids with
-    <image> placeholders (medmoe.IMAGE_TOKEN) and labels (medmoe.IGNORE on everything but the
+    each <image> expanded into one position per visual feature (medmoe.IMAGE_TOKEN) and labels (medmoe.IGNORE on everything but the
     answers)  ->  length-grouped, padded batches for MedMoE.forward.
 """
 
+import io
 import json
 import os
 import random
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from files import MedMoEError, read_json
 from medmoe import IGNORE, IMAGE_TOKEN
+from medmoe.files import MedMoEError, read_json
 
 # ----------------------------------------------------------------------------- records
 
@@ -49,10 +50,7 @@ def read_records(path):
                     except json.JSONDecodeError as e:
                         raise MedMoEError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         return records
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise MedMoEError(f"{path}: expected a JSON list of records")
-    return records
+    return read_json(path, expect=list)
 
 
 def load_examples(path, images=None):
@@ -97,25 +95,27 @@ Image.MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default, stated: beyond it a fil
 def load_image(path):
     """Any image a user is likely to hold -> an RGB PIL image, or a MedMoEError naming the file.
     Handles 8/16-bit grayscale, palette, CMYK, alpha, EXIF orientation and (with the dicom
-    extra) DICOM."""
-    if str(path).lower().endswith(".dcm"):
-        return load_dicom(path)
-    if not os.path.isfile(path):
+    extra) DICOM, recognised by its content: PACS exports often have no extension (IM000001).
+    path may also be the image's bytes (`medmoe serve`: uploads are never written to disk)."""
+    if not isinstance(path, bytes) and not os.path.isfile(path):
         raise MedMoEError(f"{path}: no such image file")
+    if is_dicom(path):
+        return load_dicom(path)
+    name, source = ("image", io.BytesIO(path)) if isinstance(path, bytes) else (path, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img = ImageOps.exif_transpose(img)  # phone photos of films are often stored rotated
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise MedMoEError(f"{path}: image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels; a decompression bomb?)") from None
+        raise MedMoEError(f"{name}: image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels; a decompression bomb?)") from None
     except UnidentifiedImageError:
-        raise MedMoEError(f"{path}: not an image (or an unsupported format)") from None
+        raise MedMoEError(f"{name}: not an image (or an unsupported format)") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
-        raise MedMoEError(f"{path}: unreadable image ({e})") from None
+        raise MedMoEError(f"{name}: unreadable image ({e})") from None
     if img.width == 0 or img.height == 0:
-        raise MedMoEError(f"{path}: empty image")
+        raise MedMoEError(f"{name}: empty image")
     return to_rgb(img)
 
 
@@ -135,21 +135,28 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def is_dicom(path):
+    """DICOM Part 10: 128 bytes of preamble, then "DICM" (a .dcm name without it is tried too)."""
+    if isinstance(path, bytes):
+        return path[128:132] == b"DICM"
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM" or str(path).lower().endswith(".dcm")
+
+
 def load_dicom(path):
-    """A DICOM slice -> RGB: stored values x RescaleSlope + RescaleIntercept, then the file's
-    own window (centre/width; else the full value range), MONOCHROME1 inverted. Multi-frame:
-    the middle frame."""
+    """A DICOM slice (a file name or its bytes) -> RGB: stored values x RescaleSlope +
+    RescaleIntercept, then the file's own window (centre/width; else the full value range),
+    MONOCHROME1 inverted. Multi-frame: the middle frame."""
+    name = "image" if isinstance(path, bytes) else path
     try:
         import pydicom
     except ImportError:
-        raise MedMoEError(f"{path}: reading DICOM needs the dicom extra: pip install 'medmoe[dicom]'") from None
-    if not os.path.isfile(path):
-        raise MedMoEError(f"{path}: no such image file")
+        raise MedMoEError(f"{name}: a DICOM file; reading it needs the dicom extra: pip install 'medmoe[dicom]'") from None
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(io.BytesIO(path) if isinstance(path, bytes) else path)
         pixels = ds.pixel_array
     except Exception as e:  # noqa: BLE001 -- pydicom raises many types for bad or unsupported files
-        raise MedMoEError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from None
+        raise MedMoEError(f"{name}: unreadable DICOM ({type(e).__name__}: {e})") from None
     samples = int(ds.get("SamplesPerPixel", 1))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -266,27 +273,30 @@ def load_tokenizer(directory):
         raise MedMoEError(f"{path}: unreadable tokenizer ({e})") from None
 
 
-def encode_text(tok, text):
-    """Token ids of text with every "<image>" replaced by one IMAGE_TOKEN. Each piece between
-    placeholders is tokenised on its own (as LLaVA's tokenizer_image_token does)."""
+def encode_text(tok, text, patches):
+    """Token ids of text with every "<image>" expanded into `patches` IMAGE_TOKEN ids, one per
+    visual feature the projector will write there (as LLaVA's processor expands it): the
+    sequence the LLM sees is laid out here, once, so every length downstream is len(ids). Each
+    piece between placeholders is tokenised on its own (as LLaVA's tokenizer_image_token does)."""
     ids = []
     for i, piece in enumerate(text.split("<image>")):
         if i:
-            ids.append(IMAGE_TOKEN)
+            ids += [IMAGE_TOKEN] * patches
         if piece:
             ids += tok.encode(piece, add_special_tokens=False).ids
     return ids
 
 
-def encode_conversation(tok, template, turns):
+def encode_conversation(tok, template, turns, patches):
     """turns [(q, a)] -> (ids, labels): labels copy the ids of each answer part and are IGNORE
-    elsewhere. A final turn whose answer is None gives a generation prompt."""
+    elsewhere. A final turn whose answer is None gives a generation prompt. Each <image> becomes
+    `patches` positions (the vision config's num_patches)."""
     ids, labels = [], []
 
     def add(text, supervised):
-        piece = encode_text(tok, text)
+        piece = encode_text(tok, text, patches)
         ids.extend(piece)
-        labels.extend(piece if supervised else [IGNORE] * len(piece))
+        labels.extend(t if supervised and t != IMAGE_TOKEN else IGNORE for t in piece)
 
     add(template.begin, False)
     for q, a in turns:
@@ -343,11 +353,10 @@ class VQADataset(torch.utils.data.Dataset):
     def __init__(self, examples, tok, template, vision, image_mode="pad", max_len=None):
         self.examples, self.vision, self.image_mode = examples, vision, image_mode
         template = get_template(template) if isinstance(template, str) else template
-        self.encoded = [encode_conversation(tok, template, ex.turns) for ex in examples]
-        patches = vision.num_patches if vision else 0
-        self.lengths = [len(ids) + ids.count(IMAGE_TOKEN) * (patches - 1) for ids, _ in self.encoded]
-        if max_len:
-            self.lengths = [min(n, max_len) for n in self.lengths]
+        # a text-only model keeps one placeholder per <image>, which MedMoE.splice refuses by name
+        patches = vision.num_patches if vision else 1
+        self.encoded = [encode_conversation(tok, template, ex.turns, patches) for ex in examples]
+        self.lengths = [min(len(ids), max_len or len(ids)) for ids, _ in self.encoded]
 
     def __len__(self):
         return len(self.examples)
@@ -380,19 +389,10 @@ def collate(items):
                  pixels=torch.stack(pix) if pix else None, skipped=[x for x in items if isinstance(x, Skipped)])
 
 
-def count_targets(input_ids, labels, patches, limit):
-    """Supervised next-token targets in a batch once each <image> becomes `patches` features
-    and sequences are cut to `limit` tokens (as MedMoE.splice does): what the loss averages."""
-    count = 0
-    for ids, labs in zip(input_ids, labels):
-        pos = 0
-        for t, lab in zip(ids, labs):
-            if t == IMAGE_TOKEN:
-                pos += patches
-                continue
-            count += lab != IGNORE and 1 <= pos < (limit or float("inf"))  # position 0 is never a target
-            pos += 1
-    return count
+def count_targets(labels, limit):
+    """Supervised next-token targets in a batch whose sequences are cut to `limit` tokens (as
+    MedMoE.splice cuts them): what the loss averages. Position 0 is never a target."""
+    return sum(lab != IGNORE for labs in labels for lab in labs[1:limit])
 
 
 def length_grouped_batches(lengths, batch_size, seed, epoch, group=64):

@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-import train as trainer
-import vqa
-from data import load_examples, load_image, read_records
-from files import MedMoEError
-from plots import heatmap
+from medmoe import train as trainer
+from medmoe import vqa
+from medmoe.data import load_examples, load_image, read_records
+from medmoe.files import MedMoEError
+from medmoe.plots import heatmap
 
 MODALITIES = ("ct", "mri", "xray", "pathology")  # the router's labels, as in the shared VQA-RAD/PathVQA records
 SAY = {"ct": "ct", "mri": "mri", "xray": "x-ray", "pathology": "pathology"}  # the open answer, as a user writes it
@@ -463,7 +463,8 @@ def install(src, dst):
 
 def run(out, source=None, seed=0, log=print):
     """Assemble the images, train stages 1-3, install the model at out/model, and measure it on
-    the held-out images. Returns {"data", "stages", "scores", "routing", "model", "test", "seconds"}."""
+    the held-out images. Returns {"data", "stages", "scores", "routing", "model", "test", "seconds"},
+    or {"interrupted": stage} when Ctrl-C stopped a stage."""
     t0 = time.time()
     work, model_dir = os.path.join(out, "work"), os.path.join(out, "model")
     data_dir = os.path.join(work, "data")
@@ -480,6 +481,8 @@ def run(out, source=None, seed=0, log=print):
                                  lr=LR[stage], batch_size=16, seed=seed, train_vision=stage < 3, moe_layers=MOE_LAYERS, keep=1,
                                  image_mode="pad")
         stages[stage] = trainer.train(args, log=log)
+        if stages[stage].get("interrupted"):  # Ctrl-C: stop here; the next `medmoe demo` starts over
+            return {"interrupted": stage}
         src = dst
     install(src, model_dir)
     assistant = vqa.Assistant(model_dir)

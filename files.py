@@ -2,8 +2,11 @@
 writing safetensors files. Imports nothing of ours (see the README's Architecture section)."""
 
 import ctypes
+import dataclasses
 import json
 import os
+import types
+import typing
 
 import torch
 
@@ -12,16 +15,60 @@ class MedMoEError(Exception):
     """A problem with the user's input: the CLI prints it as one line, never a traceback."""
 
 
-def read_json(path, required=True):
+def read_json(path, required=True, expect=dict):
+    """A JSON file that must hold an `expect` (a JSON object unless told otherwise)."""
     if not os.path.isfile(path):
         if required:
             raise MedMoEError(f"{os.path.dirname(path) or '.'}: no {os.path.basename(path)}")
         return None
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            value = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MedMoEError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, expect):
+        raise MedMoEError(f"{path}: expected {json_kind(expect)}, found {json_kind(type(value))}")
+    return value
+
+
+def json_kind(t):
+    names = {dict: "a JSON object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             type(None): "null", tuple: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in (t if isinstance(t, tuple) else (t,)))
+
+
+def from_json(klass, d, where):
+    """The dataclass klass from a JSON object, every field checked against its annotation, so a
+    config that parses but holds the wrong shape or types (a list, a number written as a string,
+    a missing field) is refused in one line naming the file and the field."""
+    if not isinstance(d, dict):
+        raise MedMoEError(f"{where}: expected {json_kind(dict)}, found {json_kind(type(d))}")
+    hints = typing.get_type_hints(klass)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise MedMoEError(f"{where}: unknown {klass.__name__} keys {unknown}")
+    required = [f.name for f in dataclasses.fields(klass) if dataclasses.MISSING is f.default and dataclasses.MISSING is f.default_factory]
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise MedMoEError(f"{where}: {klass.__name__} needs {', '.join(missing)}")
+    return klass(**{k: json_value(v, hints[k], f"{where}: {k}") for k, v in d.items()})
+
+
+def json_value(v, annotation, where):
+    """v as the annotation wants it (a nested dataclass built, a list made a tuple) or an error."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for t in options:
+        base = typing.get_origin(t) or t
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            return from_json(t, v, where)
+        if base in (list, tuple) and isinstance(v, list):
+            return base(v)
+        if (v is None and t is type(None)) or (isinstance(v, bool) and base is bool):
+            return v
+        if (base in (int, float, str) and isinstance(v, base) and not isinstance(v, bool)) or (base is float and type(v) is int):
+            return v
+    wanted = json_kind(tuple(typing.get_origin(t) or t for t in options if not dataclasses.is_dataclass(t)) or dict)
+    raise MedMoEError(f"{where} is {json.dumps(v)[:40]}: expected {wanted}")
 
 
 def atomic_write(path, write):
@@ -67,8 +114,12 @@ def read_weights(directory):
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(directory, index_name)
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+                raise MedMoEError(f"{index}: expected a weight_map object of tensor name -> shard file name")
+            if any(os.path.basename(v) != v for v in weight_map.values()):
+                raise MedMoEError(f"{index}: shard names must be file names in {directory}")
+            files = sorted(set(weight_map.values()))
             break
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(directory, n))][:1]

@@ -12,15 +12,20 @@ model.safetensors); conversion from other layouts is convert.py's.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import kernels
-from files import MedMoEError, atomic_write, read_json, read_safetensors, write_bytes, write_safetensors
+# medmoe is also the package of the files beside it (medmoe.data, medmoe.train, ...): they import
+# each other through it, so a user's own data.py or train.py can never stand in for ours.
+# (Installed, __init__.py makes the same folder a package and this file medmoe.medmoe.)
+__path__ = [os.path.dirname(os.path.abspath(__file__))]
+
+from medmoe import kernels
+from medmoe.files import MedMoEError, atomic_write, from_json, read_json, read_safetensors, write_bytes, write_safetensors
 
 IMAGE_TOKEN = -200  # placeholder id for <image> in a prompt (LLaVA's IMAGE_TOKEN_INDEX)
 IGNORE = -100  # label of positions that are not supervised (image features, prompts, padding)
@@ -132,25 +137,27 @@ class Config:
     def to_dict(self):
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d):
-        def build(klass, sub):
-            if sub is None:
-                return None
-            known = {f.name for f in fields(klass)}
-            unknown = set(sub) - known
-            if unknown:
-                raise MedMoEError(f"config.json: unknown {klass.__name__} keys {sorted(unknown)}")
-            return klass(**sub)
 
-        return cls(
-            llm=build(LLMConfig, d["llm"]),
-            vision=build(VisionConfig, d.get("vision")),
-            projector=d.get("projector", "mlp2x_gelu"),
-            moe=build(MoEConfig, d.get("moe")),
-            template=d.get("template", "phi"),
-            quant=build(QuantConfig, d.get("quant")),
-        )
+# Shapes for models trained from scratch on a CPU (no pretrained tower or decoder offline): the
+# demo, `medmoe init --preset` and the tests. vocab: the size their tokenizer is trained to.
+PRESETS = {
+    "tiny": dict(hidden=64, layers=4, heads=4, image=32, patch=8, vision_hidden=48, vision_layers=2, vocab=1000),
+    "demo": dict(hidden=64, layers=4, heads=4, image=48, patch=8, vision_hidden=64, vision_layers=2, vocab=1000),  # `medmoe demo`
+    "small": dict(hidden=192, layers=6, heads=6, image=64, patch=8, vision_hidden=128, vision_layers=4, vocab=3000),
+}
+
+
+def preset_config(name, template="phi"):
+    """A Llama-style decoder and a CLIP-style tower at a preset's shapes; its vocab_size is the
+    preset's until a tokenizer is trained."""
+    if name not in PRESETS:
+        raise MedMoEError(f"unknown preset {name!r} (choose {', '.join(PRESETS)})")
+    p = PRESETS[name]
+    llm = LLMConfig(arch="llama", vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["hidden"] * 2,
+                    num_layers=p["layers"], num_heads=p["heads"], num_kv_heads=p["heads"], max_seq_len=512, **ARCHS["llama"])
+    vision = VisionConfig(image_size=p["image"], patch_size=p["patch"], hidden_size=p["vision_hidden"],
+                          intermediate_size=p["vision_hidden"] * 4, num_layers=p["vision_layers"], num_heads=4)
+    return Config(llm=llm, vision=vision, template=template)
 
 
 def moe_layer_ids(moe, num_layers):
@@ -589,47 +596,59 @@ class MedMoE(nn.Module):
         return self.projector(self.vision(pixels))
 
     def splice(self, input_ids, pixels=None, labels=None, pad_left=False):
-        """Replace each IMAGE_TOKEN in the id lists by its image's projected features (images in
-        order of appearance), label them IGNORE, truncate to the context length and pad.
+        """Embed the id lists and write each image's projected features over its IMAGE_TOKEN
+        positions (a prompt holds num_patches of them per <image>: data.encode_text lays them
+        out), images in order of appearance; truncate to the context length and pad.
         Returns embeds [B, T, H], valid [B, T] (False on padding) and labels [B, T] or None."""
         emb = self.llm.embed
         if pixels is not None and self.vision is None:
             raise MedMoEError("this model has no vision tower, but images were given")
-        feats = iter(self.encode_images(pixels).to(emb.weight.dtype)) if pixels is not None else iter(())
-        seqs, labs = [], []
-        for b, ids in enumerate(input_ids):
-            ids = torch.as_tensor(ids, dtype=torch.long, device=emb.weight.device)
-            if ((ids < 0) & (ids != IMAGE_TOKEN)).any() or (ids >= emb.num_embeddings).any():
-                raise MedMoEError(f"prompt {b} has token ids outside the vocabulary (0..{emb.num_embeddings - 1})")
-            lab = torch.as_tensor(labels[b], device=ids.device) if labels is not None else ids
-            cuts = (ids == IMAGE_TOKEN).nonzero().flatten().tolist()
-            parts, part_labels, start = [], [], 0
-            for cut in cuts + [len(ids)]:
-                parts.append(emb(ids[start:cut]))
-                part_labels.append(lab[start:cut])
-                if cut < len(ids):
-                    f = next(feats, None)
-                    if f is None:
-                        raise MedMoEError(f"prompt {b} has more <image> placeholders than images given")
-                    parts.append(f)
-                    part_labels.append(torch.full((len(f),), IGNORE, device=ids.device))
-                start = cut + 1
-            n, limit = sum(len(p) for p in parts), self.cfg.llm.max_seq_len
-            if pad_left and n > limit:  # generation cannot drop the end of a prompt: the question is there
-                raise MedMoEError(f"prompt {b} is {n} tokens with its image(s), longer than the context length {limit}")
-            seqs.append(torch.cat(parts)[:limit])  # training truncates, as the released code does
-            labs.append(torch.cat(part_labels)[:limit])
-        if next(feats, None) is not None:
-            raise MedMoEError("more images given than <image> placeholders in the prompts")
-        T = max(len(s) for s in seqs)
-        B, H = len(seqs), emb.weight.shape[1]
-        embeds = emb.weight.new_zeros(B, T, H)
-        valid = torch.zeros(B, T, dtype=torch.bool, device=embeds.device)
-        out_labels = torch.full((B, T), IGNORE, device=embeds.device)
-        for b, (s, lab) in enumerate(zip(seqs, labs)):
-            sl = slice(T - len(s), T) if pad_left else slice(0, len(s))
-            embeds[b, sl], valid[b, sl], out_labels[b, sl] = s, True, lab
+        ids, valid, out_labels, images = self.pad(input_ids, labels, pad_left)
+        is_image = ids == IMAGE_TOKEN
+        outside = ((ids < 0) & ~is_image) | (ids >= emb.num_embeddings)
+        if outside.any():
+            b = int(outside.any(-1).nonzero()[0])
+            raise MedMoEError(f"prompt {b} has token ids outside the vocabulary (0..{emb.num_embeddings - 1})")
+        feats = self.encode_images(pixels).to(emb.weight.dtype) if pixels is not None else emb.weight.new_zeros(0)
+        if sum(images) > len(feats):
+            raise MedMoEError(f"the prompts hold more <image> placeholders ({sum(images)}) than images given ({len(feats)})")
+        if sum(images) < len(feats):
+            raise MedMoEError(f"more images given ({len(feats)}) than <image> placeholders in the prompts ({sum(images)})")
+        embeds = emb(ids.masked_fill(is_image, 0))
+        if images and sum(images):
+            # The k-th image position of a row is feature k % P of the row's image k // P: every
+            # image fills P positions, and only a row's last one can be cut short by truncation.
+            P, k = feats.shape[1], is_image.cumsum(1) - 1
+            first = torch.tensor([0, *images[:-1]], device=ids.device).cumsum(0)[:, None]  # each row's first image
+            embeds[is_image] = feats[(first + k // P)[is_image], (k % P)[is_image]]
+            out_labels = out_labels.masked_fill(is_image, IGNORE)
         return embeds, valid, (out_labels if labels is not None else None)
+
+    def pad(self, input_ids, labels, pad_left):
+        """Id lists -> padded ids [B, T], valid [B, T], labels [B, T] (IGNORE on padding) and each
+        row's image count. Training truncates to the context length, as the released code does;
+        generation cannot drop the end of a prompt (the question is there), so it refuses."""
+        limit, device = self.cfg.llm.max_seq_len, self.llm.embed.weight.device
+        P = self.cfg.vision.num_patches if self.vision is not None else 1
+        images = []
+        for b, seq in enumerate(input_ids):
+            n = sum(t == IMAGE_TOKEN for t in seq)
+            if n % P:
+                raise MedMoEError(f"prompt {b} has {n} image positions, not a multiple of the {P} each image fills (data.encode_text)")
+            if pad_left and len(seq) > limit:
+                raise MedMoEError(f"prompt {b} is {len(seq)} tokens with its image(s), longer than the context length {limit}")
+            images.append(n // P)
+        T = min(max(len(seq) for seq in input_ids), limit)
+        ids = torch.zeros(len(input_ids), T, dtype=torch.long, device=device)
+        valid = torch.zeros_like(ids, dtype=torch.bool)
+        out_labels = torch.full_like(ids, IGNORE)
+        for b, seq in enumerate(input_ids):
+            n = min(len(seq), limit)
+            sl = slice(T - n, T) if pad_left else slice(0, n)
+            ids[b, sl], valid[b, sl] = torch.as_tensor(seq[:n], dtype=torch.long), True
+            if labels is not None:
+                out_labels[b, sl] = torch.as_tensor(labels[b][:n], dtype=torch.long)
+        return ids, valid, out_labels, images
 
     def forward(self, input_ids, pixels=None, labels=None, num_tokens=None, router_logits=False):
         """Training/scoring forward: right-padded batch -> (logits, loss or None), and the MoE
@@ -658,11 +677,13 @@ class MedMoE(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, pixels=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                        stop_ids=None, generator=None, compile=False):
+                        stop_ids=None, generator=None, compile=False, vocab_size=None):
         """Yield the next token of every prompt [B] per step (left-padded batch, KV cache).
         Rows that finished keep yielding their stop token; stops when all have finished.
         compile=True compiles the one-token decode step (gpt-fast style): its shapes are
-        fixed, because the cache length is rounded up to a multiple of 256."""
+        fixed, because the cache length is rounded up to a multiple of 256. Ids from vocab_size
+        on are never chosen: checkpoints pad their embeddings beyond what the tokenizer knows
+        (released Phi-2: 51,200 rows for about 50,300 tokens)."""
         embeds, valid, _ = self.splice(input_ids, pixels, pad_left=True)
         B, T, _ = embeds.shape
         stop = torch.tensor(sorted(stop_ids if stop_ids is not None else self.cfg.llm.eos_ids) or [-1], device=embeds.device)
@@ -680,7 +701,7 @@ class MedMoE(nn.Module):
             logits = self.llm(embeds, positions, key_valid, input_pos, last_only=True)
             done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
             for step in range(total - T):
-                tok = sample(logits, temperature, top_p, generator)
+                tok = sample(logits[:, :vocab_size], temperature, top_p, generator)
                 tok = torch.where(done, stop[0], tok)
                 done |= torch.isin(tok, stop)
                 yield tok
@@ -838,10 +859,10 @@ def load_config(directory):
     if "llm" not in d:
         hint = " (a Hugging Face or Med-MoE checkpoint: run `medmoe convert` first)" if "model_type" in d or "architectures" in d else ""
         raise MedMoEError(f"{path}: not a medmoe config{hint}")
-    arch = d["llm"].get("arch")
-    if arch not in ARCHS:
-        raise MedMoEError(f"{path}: unknown architecture {arch!r} (supported: {', '.join(ARCHS)})")
-    return Config.from_dict(d)
+    cfg = from_json(Config, d, path)
+    if cfg.llm.arch not in ARCHS:
+        raise MedMoEError(f"{path}: unknown architecture {cfg.llm.arch!r} (supported: {', '.join(ARCHS)})")
+    return cfg
 
 
 def cast(name, t, dtype):

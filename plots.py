@@ -3,7 +3,7 @@ expert-load heatmaps, the pictures people look at after training."""
 
 from PIL import Image, ImageDraw, ImageFont
 
-from files import atomic_write
+from medmoe.files import atomic_write
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 W, H, MARGIN = 800, 500, 70

@@ -22,9 +22,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -32,11 +34,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
-import files
 import medmoe
-import plots
-from files import MedMoEError
+from medmoe import data, files, plots
+from medmoe.files import MedMoEError
 
 STAGE_LR = {1: 1e-3, 2: 2e-5, 3: 2e-5, "contrastive": 5e-5}  # contrastive: MedMoE's Adam lr (SPEC B)
 STAGE_CLIP = {1: 1.0, 2: 1.0, 3: 1.0, "contrastive": 0.25}
@@ -89,31 +89,17 @@ class TrainArgs:
 
 # ----------------------------------------------------------------------------- a model from scratch
 
-# Shapes for models trained from scratch on a CPU (no pretrained tower or decoder offline).
-PRESETS = {
-    "tiny": dict(hidden=64, layers=4, heads=4, image=32, patch=8, vision_hidden=48, vision_layers=2, vocab=1000),
-    "demo": dict(hidden=64, layers=4, heads=4, image=48, patch=8, vision_hidden=64, vision_layers=2, vocab=1000),  # `medmoe demo`
-    "small": dict(hidden=192, layers=6, heads=6, image=64, patch=8, vision_hidden=128, vision_layers=4, vocab=3000),
-}
-
-
 def init_model(out, data_files, images=None, preset="small", template="phi", seed=0):
-    """A randomly initialised Llama-style Med-MoE (CLIP-style tower, mlp2x_gelu projector) with
-    a byte-level BPE tokenizer trained on the questions and answers of `data_files`."""
-    if preset not in PRESETS:
-        raise MedMoEError(f"unknown preset {preset!r} (choose {', '.join(PRESETS)})")
-    p = PRESETS[preset]
+    """A randomly initialised Med-MoE at a preset's shapes (medmoe.PRESETS) with a byte-level BPE
+    tokenizer trained on the questions and answers of `data_files`."""
+    cfg = medmoe.preset_config(preset, template)
     examples = [ex for path in data_files for ex in data.load_examples(path, images)]
     texts = [data.SYSTEM] + [f"{q} {a or ''}" for ex in examples for q, a in ex.turns]
     os.makedirs(out, exist_ok=True)
-    tok = data.train_tokenizer(texts, p["vocab"], os.path.join(out, "tokenizer.json"))
-    llm = medmoe.LLMConfig(arch="llama", vocab_size=tok.get_vocab_size(), hidden_size=p["hidden"], intermediate_size=p["hidden"] * 2,
-                           num_layers=p["layers"], num_heads=p["heads"], num_kv_heads=p["heads"], max_seq_len=512,
-                           **medmoe.ARCHS["llama"], eos_ids=[tok.token_to_id("<|endoftext|>")])
-    vision = medmoe.VisionConfig(image_size=p["image"], patch_size=p["patch"], hidden_size=p["vision_hidden"],
-                                 intermediate_size=p["vision_hidden"] * 4, num_layers=p["vision_layers"], num_heads=4)
+    tok = data.train_tokenizer(texts, cfg.llm.vocab_size, os.path.join(out, "tokenizer.json"))
+    cfg.llm.vocab_size, cfg.llm.eos_ids = tok.get_vocab_size(), [tok.token_to_id("<|endoftext|>")]
     torch.manual_seed(seed)
-    model = medmoe.MedMoE(medmoe.Config(llm=llm, vision=vision, template=template))
+    model = medmoe.MedMoE(cfg)
     medmoe.save_model(model, out)
     return model
 
@@ -371,20 +357,52 @@ def save_router(router, modalities, path):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+#
+# The lifecycle keeps one promise: at every moment checkpoints/ holds a complete checkpoint for
+# --resume (or none yet). A checkpoint is written under a temporary name and renamed whole;
+# `latest` moves only after that; an old one is renamed away before it is deleted, so none is
+# ever seen half gone; what a killed process left half-written is cleared on the next start.
 
 
 def checkpoint_dir(out, step):
     return os.path.join(out, "checkpoints", f"step-{step:07d}")
 
 
+def complete_checkpoints(out):
+    """step-N directories (never a temporary or half-deleted one), oldest first."""
+    folder = os.path.join(out, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in sorted(n for n in names if re.fullmatch(r"step-\d+", n))]
+
+
 def latest_checkpoint(out):
     path = os.path.join(out, "checkpoints", "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        name = f.read().strip()
-    full = os.path.join(out, "checkpoints", name)
-    return full if os.path.isdir(full) else None
+    if os.path.isfile(path):
+        with open(path) as f:
+            full = os.path.join(out, "checkpoints", f.read().strip())
+        if os.path.isdir(full):
+            return full
+    found = complete_checkpoints(out)  # killed between replacing a step's checkpoint and moving `latest`
+    return found[-1] if found else None
+
+
+def clear_leftovers(out):
+    """Remove what killed runs left behind: temporary and half-deleted checkpoints (a full
+    checkpoint's worth of disk each) and temporary files of the published model."""
+    folder = os.path.join(out, "checkpoints")
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if re.fullmatch(r"step-\d+\.(tmp|trash)\d+", name):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    for name in os.listdir(out):
+        if re.fullmatch(rf"({'|'.join(map(re.escape, PUBLISHED))}|train_args\.json|train_log\.jsonl)\.tmp\d+", name):
+            os.remove(os.path.join(out, name))
+
+
+def remove_dir(path):
+    """Rename, then delete: a kill midway leaves a .trash directory, never a half checkpoint."""
+    trash = f"{path}.trash{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def full_state(wrapped, opt):
@@ -396,27 +414,31 @@ def full_state(wrapped, opt):
     return get_model_state_dict(wrapped, options=opts), get_optimizer_state_dict(wrapped, opt, options=opts)
 
 
-def save_training_checkpoint(out, step, model, wrapped, opt, sched, state, tok_json, d, keep):
-    """step-N/ = a loadable model directory + trainer.pt, written under a temporary name and
-    renamed: a kill at any moment leaves the previous checkpoint whole; then `latest` moves."""
-    model_sd, opt_sd = full_state(wrapped, opt)
+def save_training_checkpoint(r, state):
+    """step-N/ = a loadable model directory + trainer.pt; then `latest` moves and the oldest
+    beyond --keep go. A step this run saved already (the end of a run that checkpointed its last
+    step) is not written twice. Returns the checkpoint's path."""
+    a, d = r.a, r.d
+    final = checkpoint_dir(a.out, state["step"])
+    if final == r.saved:
+        return final
+    model_sd, opt_sd = full_state(r.wrapped, r.opt)
     if d.main:
-        final = checkpoint_dir(out, step)
-        tmp = final + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        keys = medmoe.expected_tensors(model)
-        medmoe.save_checkpoint(model.cfg, {k: v for k, v in model_sd.items() if k in keys}, tmp, tok_json)
-        trainer = {"optimizer": opt_sd, "scheduler": sched.state_dict(), "state": state, "rng": torch.get_rng_state(),
+        tmp = f"{final}.tmp{os.getpid()}"
+        keys = medmoe.expected_tensors(r.task.model)
+        medmoe.save_checkpoint(r.task.model.cfg, {k: v for k, v in model_sd.items() if k in keys}, tmp, r.task.tokenizer_json)
+        trainer = {"optimizer": opt_sd, "scheduler": r.sched.state_dict(), "state": state, "rng": torch.get_rng_state(),
                    "python_rng": random.getstate()}
         torch.save(trainer, os.path.join(tmp, "trainer.pt"))
-        shutil.rmtree(final, ignore_errors=True)
+        if os.path.isdir(final):  # an earlier run's checkpoint of this step
+            remove_dir(final)
         os.rename(tmp, final)
-        files.atomic_write(os.path.join(out, "checkpoints", "latest"), lambda p: files.write_bytes(p, os.path.basename(final).encode()))
-        names = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step-") and ".tmp" not in n)
-        for old in names[:-keep]:
-            shutil.rmtree(os.path.join(out, "checkpoints", old), ignore_errors=True)
+        files.atomic_write(os.path.join(a.out, "checkpoints", "latest"), lambda p: files.write_bytes(p, os.path.basename(final).encode()))
+        for old in complete_checkpoints(a.out)[: -a.keep]:
+            remove_dir(old)
     d.barrier()
-    return checkpoint_dir(out, step)
+    r.saved = final
+    return final
 
 
 def load_trainer_state(path, wrapped, opt, sched):
@@ -428,6 +450,37 @@ def load_trainer_state(path, wrapped, opt, sched):
     torch.set_rng_state(trainer["rng"])
     random.setstate(trainer["python_rng"])
     return trainer["state"]
+
+
+PUBLISHED = ("config.json", "model.safetensors", "tokenizer.json")  # the finished model, at the top of OUT
+
+
+def publish_model(checkpoint, a: TrainArgs, step):
+    """Make OUT the finished model (`medmoe ask --model OUT` finds it there): each file linked
+    atomically, then train_args.json, written last, marks the run complete at `step`."""
+    for name in PUBLISHED:
+        if os.path.exists(os.path.join(checkpoint, name)):
+            publish(os.path.join(checkpoint, name), os.path.join(a.out, name))
+    record = json.dumps({**asdict(a), "completed_step": step}, indent=2).encode()
+    files.atomic_write(os.path.join(a.out, "train_args.json"), lambda p: files.write_bytes(p, record))
+
+
+def completed_step(out):
+    """The step a finished run published its model at (None: not finished, or published partly)."""
+    record = files.read_json(os.path.join(out, "train_args.json"), required=False)
+    return record.get("completed_step") if isinstance(record, dict) else None
+
+
+def publish(src, dst):
+    """Make dst the same file as src (a hard link: no copy of a large file), atomically."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):  # published before a kill: renaming a link onto itself does nothing
+        return
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -480,7 +533,7 @@ class VQAStage:
         tok = data.load_tokenizer(a.model)
         template = a.template or ("plain" if a.stage == 1 else model.cfg.template)
         image_mode = a.image_mode or ("crop" if a.stage == 1 else "pad")
-        self.patches, self.max_len = model.cfg.vision.num_patches, model.cfg.llm.max_seq_len
+        self.max_len = model.cfg.llm.max_seq_len
 
         def dataset(paths):
             examples = [ex for p in paths for ex in data.load_examples(p, a.images)]
@@ -490,7 +543,7 @@ class VQAStage:
         self.val_set = dataset([a.val_data]) if a.val_data else None
         if len(self.train_set) == 0:
             raise MedMoEError("no training records")
-        unsupervised = sum(self.units_of([ids], [labels]) == 0 for ids, labels in self.train_set.encoded)
+        unsupervised = sum(data.count_targets([labels], self.max_len) == 0 for _, labels in self.train_set.encoded)
         if unsupervised == len(self.train_set):
             raise MedMoEError(f"no record has an answer within the context length ({self.max_len} tokens): nothing to train on")
         if unsupervised:
@@ -502,12 +555,9 @@ class VQAStage:
     def trainable(self):
         return set_trainable(self.model, self.a)
 
-    def units_of(self, input_ids, labels):
-        return data.count_targets(input_ids, labels, self.patches, self.max_len)
-
     def units(self, b):
         """What the loss averages over: every answer token of the step, on every process, weighs the same."""
-        return self.units_of(b.input_ids, b.labels)
+        return data.count_targets(b.labels, self.max_len)
 
     def inputs(self, b):
         """Input tokens (image features included): the throughput unit."""
@@ -518,7 +568,7 @@ class VQAStage:
         return run(b.input_ids, b.pixels, b.labels, units)[1]
 
     def val_loss(self, run, d):
-        return evaluate(run, self.val_set, self.a, d, self.patches, self.max_len)
+        return evaluate(run, self.val_set, self.a, d, self.max_len)
 
     def finish(self, run, d, say):
         """After stage 2: the router, fitted as a modality classifier."""
@@ -544,7 +594,7 @@ class ContrastiveStage:
     paper freezes its pretrained Bio_ClinicalBERT; one trained from scratch must learn)."""
 
     def __init__(self, a: TrainArgs, source, fresh, say):
-        import contrastive
+        from medmoe import contrastive
 
         self.a = a
         self.model = model = contrastive.load_model(source, dtype=torch.float32)
@@ -620,6 +670,29 @@ class StopRequest:
             signal.signal(s, h)
 
 
+@dataclass
+class Run:
+    """What a training run holds while it loops; the functions below take it explicitly (and the
+    trainer state, a dict saved in every checkpoint, beside it)."""
+
+    a: TrainArgs
+    d: Dist
+    task: VQAStage | ContrastiveStage
+    wrapped: torch.nn.Module  # the model under DDP or FSDP2 (the model itself on one process)
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    total: int  # optimizer steps in the whole run
+    logbook: Log
+    say: Callable
+    saved: str | None  # the checkpoint this run wrote (or resumed from) last
+
+    def forward(self, *inputs):
+        inputs = [x.to(self.d.device) if isinstance(x, torch.Tensor) else x for x in inputs]
+        with autocast(self.a, self.d.device):
+            return self.wrapped(*inputs)
+
+
 def train(a: TrainArgs, log=print):
     """Run one stage. Returns a summary dict (steps, losses, router report, paths)."""
     if a.stage not in STAGE_LR:
@@ -630,129 +703,90 @@ def train(a: TrainArgs, log=print):
     random.seed(a.seed)
     os.makedirs(a.out, exist_ok=True)
     resume_from = latest_checkpoint(a.out) if a.resume else None
+    if d.main:
+        clear_leftovers(a.out)
+        if not resume_from and os.path.exists(os.path.join(a.out, "train_args.json")):
+            os.remove(os.path.join(a.out, "train_args.json"))  # an earlier run's mark of completion
+    d.barrier()
     if a.resume and resume_from is None:
         say(f"no checkpoint in {a.out}/checkpoints: starting from {a.model}")
+    r, state = start(a, d, resume_from, say)
+    summary = {"stage": a.stage, "steps": r.total, "out": a.out, "main": d.main}
+    if resume_from and r.total <= state["step"] == completed_step(a.out):
+        say(f"the run in {a.out} is already complete ({state['step']} steps): its model is there")
+        return {**summary, "complete": True, "losses": [row["loss"] for row in r.logbook.rows if "loss" in row]}
+    stopped = loop(r, state)
+    if stopped:
+        return {**summary, "interrupted": True, "step": state["step"], "checkpoint": stopped}
+    return finish(r, state, summary)
+
+
+def start(a: TrainArgs, d: Dist, resume_from, say):
+    """The stage's model (wrapped for the processes) and data, its optimizer and schedule, and
+    the trainer state: the resumed checkpoint's, or a fresh one."""
     task = (ContrastiveStage if a.stage == "contrastive" else VQAStage)(a, resume_from or a.model, resume_from is None, say)
-    model, train_set, val_set, tok_json = task.model, task.train_set, task.val_set, task.tokenizer_json
     task.trainable()
-    model.to(d.device).train()
-    wrapped = wrap(model, a, d)
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in sharded parameters
+    task.model.to(d.device).train()
+    wrapped = wrap(task.model, a, d)
+    params = [p for p in task.model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in sharded parameters
     lr = a.lr if a.lr is not None else STAGE_LR[a.stage]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
-
-    def epoch_batches(epoch):
-        """This process's micro-batches of one epoch: global batches (batch_size x processes) in
-        the repeatable length-grouped order, each split across processes."""
-        glob = data.length_grouped_batches(train_set.lengths, a.batch_size * d.world, a.seed, epoch)
-        return [b[d.rank :: d.world] for b in glob if len(b) >= d.world]
-
-    micro_per_epoch = len(epoch_batches(0))
-    steps_per_epoch = math.ceil(micro_per_epoch / a.grad_accum)
+    steps_per_epoch = math.ceil(len(epoch_batches(task.train_set, a, d, 0)) / a.grad_accum)
     total = steps_per_epoch * a.epochs if a.max_steps is None else min(a.max_steps, steps_per_epoch * a.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, a.warmup))
-    state = {"step": 0, "epoch": 0, "micro": 0, "skipped": {}, "tokens": 0}
+    state = {"step": 0, "epoch": 0, "micro": 0, "skipped": {}, "tokens": 0, "records": 0}
     if resume_from:
         state = load_trainer_state(resume_from, wrapped, opt, sched)
         say(f"resuming from {resume_from} (step {state['step']})")
     logbook = Log(a.out, d.main, state["step"] if resume_from else None)
+    return Run(a, d, task, wrapped, params, opt, sched, total, logbook, say, resume_from), state
 
-    def run(*inputs):
-        inputs = [x.to(d.device) if isinstance(x, torch.Tensor) else x for x in inputs]
-        with autocast(a, d.device):
-            return wrapped(*inputs)
 
-    def train_step(micro):
-        """One optimizer step over this process's micro-batches; returns (mean loss, grad norm, input tokens)."""
-        for b in micro:
-            for s in b.skipped:
-                if s.path not in state["skipped"]:
-                    state["skipped"][s.path] = s.reason
-                    if d.main:
-                        tqdm.write(f"warning: skipped {s.reason}")
-        n_units, n_inputs = d.sum(sum(task.units(b) for b in micro), sum(task.inputs(b) for b in micro))
-        loss_sum = torch.zeros((), device=d.device)  # summed on the device: no host sync per micro-batch
-        for k, b in enumerate(micro):
-            if not b.index:
-                continue
-            sync = k == len(micro) - 1 or not hasattr(wrapped, "no_sync")  # DDP: all-reduce gradients once per step
-            with nullcontext() if sync else wrapped.no_sync():
-                loss = task.loss(run, b, max(n_units, 1) / d.world)
-                loss.backward()
-            loss_sum += loss.detach()
-        (loss_sum,) = d.sum(float(loss_sum) / d.world)
-        clip = STAGE_CLIP[a.stage] if a.clip is None else a.clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-        for what, value in (("loss", loss_sum), ("gradient norm", grad_norm)):
-            if not math.isfinite(value):
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                raise MedMoEError(f"stage {a.stage}: {what} is {value} at step {state['step'] + 1}: stopped{where} (try a lower --lr)")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        return loss_sum, grad_norm, n_inputs
+def epoch_batches(train_set, a: TrainArgs, d: Dist, epoch):
+    """This process's micro-batches of one epoch: global batches (batch_size x processes) in
+    the repeatable length-grouped order, each split across processes."""
+    glob = data.length_grouped_batches(train_set.lengths, a.batch_size * d.world, a.seed, epoch)
+    return [b[d.rank :: d.world] for b in glob if len(b) >= d.world]
 
-    summary = {"stage": a.stage, "steps": total, "out": a.out, "main": d.main}
-    bar = tqdm(total=total, initial=state["step"], desc=f"stage {a.stage}", unit="step", disable=a.quiet or not d.main, dynamic_ncols=True)
-    last_ckpt = resume_from
-    t_start, tokens_at_start = time.perf_counter(), state["tokens"]
+
+def loop(r: Run, state):
+    """Optimizer steps up to the run's total, a checkpoint every --save-every steps. Ctrl-C or
+    SIGTERM ends it after the current step with a checkpoint, whose path it returns (None when
+    the run reached its total)."""
+    a, train_set = r.a, r.task.train_set
+    bar = tqdm(total=r.total, initial=state["step"], desc=f"stage {a.stage}", unit="step", disable=a.quiet or not r.d.main,
+               dynamic_ncols=True)
+    clock = (time.perf_counter(), state["tokens"])  # throughput counts from here
     try:
         with StopRequest() as stop:
-            while state["step"] < total:
-                batches = epoch_batches(state["epoch"])[state["micro"] :]
-                if not batches:  # the epoch ended exactly at the last checkpoint
-                    state["epoch"], state["micro"] = state["epoch"] + 1, 0
-                    continue
+            while state["step"] < r.total:
+                batches = epoch_batches(train_set, a, r.d, state["epoch"])[state["micro"] :]
                 if hasattr(train_set, "set_epoch"):  # e.g. a caption per image that changes every epoch
                     train_set.set_epoch(state["epoch"])
-                loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=task.collate, num_workers=a.workers)
+                # no batches left: the epoch ended exactly at the checkpoint resumed
+                loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=r.task.collate,
+                                                     num_workers=a.workers) if batches else ()
                 for micro in chunks(loader, a.grad_accum):
-                    loss, grad_norm, n_inputs = train_step(micro)
-                    state["step"] += 1
-                    state["micro"] += len(micro)
-                    state["tokens"] += int(n_inputs)
-                    elapsed = time.perf_counter() - t_start
-                    tps = (state["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
-                    lr_now = sched.get_last_lr()[0]
-                    if state["step"] % a.log_every == 0 or state["step"] == total:
-                        logbook.write(step=state["step"], epoch=state["epoch"], loss=loss, lr=lr_now, grad_norm=grad_norm,
-                                      tokens=state["tokens"], tokens_per_s=tps, elapsed_s=elapsed)
-                    bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr_now:.2e}", task.rate: f"{tps:,.0f}"})
-                    bar.update(1)
-                    if val_set and a.eval_every and state["step"] % a.eval_every == 0:
-                        logbook.write(step=state["step"], val_loss=task.val_loss(run, d))
-                    stop_now = d.sum(1.0 if stop.signal else 0.0)[0] > 0
+                    loss, grad_norm = step(r, micro, state)
+                    report(r, state, loss, grad_norm, clock, bar)
+                    stop_now = r.d.sum(1.0 if stop.signal else 0.0)[0] > 0
                     if (a.save_every and state["step"] % a.save_every == 0) or stop_now:
-                        last_ckpt = save_training_checkpoint(a.out, state["step"], model, wrapped, opt, sched, state, tok_json, d, a.keep)
-                        logbook.plot(f"stage {a.stage}")
-                    if stop_now:
-                        bar.close()
-                        say(f"interrupted ({stop.signal or 'signal'}) at step {state['step']}: checkpoint saved to {last_ckpt}; "
-                            "continue with --resume")
-                        return {**summary, "interrupted": True, "step": state["step"], "checkpoint": last_ckpt}
-                    if state["step"] >= total:
+                        path = save_training_checkpoint(r, state)
+                        r.logbook.plot(f"stage {a.stage}")
+                        if stop_now:
+                            bar.close()
+                            r.say(f"interrupted ({stop.signal or 'signal'}) at step {state['step']}: checkpoint saved to {path}; "
+                                  "continue with --resume")
+                            return path
+                    if state["step"] >= r.total:
                         break
                 else:  # the epoch is done
                     state["epoch"], state["micro"] = state["epoch"] + 1, 0
+                if state.get("records") == 0 and state["skipped"]:  # (older checkpoints do not count them)
+                    raise MedMoEError(f"no usable record: every image was unreadable ({len(state['skipped'])} file(s), listed above)")
     finally:
         bar.close()
-    if val_set:
-        summary["val_loss"] = task.val_loss(run, d)
-        logbook.write(step=state["step"], val_loss=summary["val_loss"])
-    if state["skipped"]:
-        say(f"skipped {len(state['skipped'])} unreadable image file(s) (listed above)")
-    summary.update(skipped=len(state["skipped"]), losses=[r["loss"] for r in logbook.rows if "loss" in r])
-    summary.update(task.finish(run, d, say))
-    final = save_training_checkpoint(a.out, state["step"], model, wrapped, opt, sched, state, tok_json, d, a.keep)
-    if d.main:  # the finished model at the top of OUT, where `medmoe ask --model OUT` finds it
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            if os.path.exists(os.path.join(final, name)):
-                publish(os.path.join(final, name), os.path.join(a.out, name))
-        args_json = json.dumps(asdict(a), indent=2).encode()
-        files.atomic_write(os.path.join(a.out, "train_args.json"), lambda p: files.write_bytes(p, args_json))
-        logbook.plot(f"stage {a.stage}")
-    d.barrier()
-    return summary
+    return None
 
 
 def chunks(iterable, n):
@@ -762,18 +796,83 @@ def chunks(iterable, n):
         yield chunk
 
 
-def publish(src, dst):
-    """Make dst the same file as src (a hard link: no copy of a large file), atomically."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def step(r: Run, micro, state):
+    """One optimizer step over this process's micro-batches; returns (mean loss, gradient norm)
+    and advances the trainer state."""
+    d = r.d
+    note_skipped(micro, state, d)
+    n_units, n_inputs, n_records = d.sum(sum(r.task.units(b) for b in micro), sum(r.task.inputs(b) for b in micro),
+                                         sum(len(b.index) for b in micro))
+    loss_sum = torch.zeros((), device=d.device)  # summed on the device: no host sync per micro-batch
+    for k, b in enumerate(micro):
+        if not b.index:
+            continue
+        sync = k == len(micro) - 1 or not hasattr(r.wrapped, "no_sync")  # DDP: all-reduce gradients once per step
+        with nullcontext() if sync else r.wrapped.no_sync():
+            loss = r.task.loss(r.forward, b, max(n_units, 1) / d.world)
+            loss.backward()
+        loss_sum += loss.detach()
+    (loss,) = d.sum(float(loss_sum) / d.world)
+    clip = STAGE_CLIP[r.a.stage] if r.a.clip is None else r.a.clip
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(r.params, clip if clip > 0 else float("inf")))
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            last = latest_checkpoint(r.a.out)
+            where = f"; the last good checkpoint is {last}" if last else ""
+            raise MedMoEError(f"stage {r.a.stage}: {what} is {value} at step {state['step'] + 1}: stopped{where} (try a lower --lr)")
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    r.sched.step()
+    state["step"], state["micro"], state["tokens"] = state["step"] + 1, state["micro"] + len(micro), state["tokens"] + int(n_inputs)
+    if "records" in state:
+        state["records"] += int(n_records)
+    return loss, grad_norm
+
+
+def note_skipped(micro, state, d: Dist):
+    """Warn once about each unreadable image the loader skipped (the state remembers them)."""
+    for b in micro:
+        for s in b.skipped:
+            if s.path not in state["skipped"]:
+                state["skipped"][s.path] = s.reason
+                if d.main:
+                    tqdm.write(f"warning: skipped {s.reason}")
+
+
+def report(r: Run, state, loss, grad_norm, clock, bar):
+    """The step in train_log.jsonl and on the progress bar; the validation loss every --eval-every steps."""
+    elapsed = time.perf_counter() - clock[0]
+    rate = (state["tokens"] - clock[1]) / max(elapsed, 1e-9)
+    lr = r.sched.get_last_lr()[0]
+    if state["step"] % r.a.log_every == 0 or state["step"] == r.total:
+        r.logbook.write(step=state["step"], epoch=state["epoch"], loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens"],
+                        tokens_per_s=rate, elapsed_s=elapsed)
+    bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", r.task.rate: f"{rate:,.0f}"})
+    bar.update(1)
+    if r.task.val_set and r.a.eval_every and state["step"] % r.a.eval_every == 0:
+        r.logbook.write(step=state["step"], val_loss=r.task.val_loss(r.forward, r.d))
+
+
+def finish(r: Run, state, summary):
+    """After the last step: the validation loss, the stage's own ending (stage 2 fits the
+    router), the final checkpoint, and the finished model published at the top of OUT."""
+    if r.task.val_set:
+        summary["val_loss"] = r.task.val_loss(r.forward, r.d)
+        r.logbook.write(step=state["step"], val_loss=summary["val_loss"])
+    if state["skipped"]:
+        r.say(f"skipped {len(state['skipped'])} unreadable image file(s) (listed above)")
+    summary.update(skipped=len(state["skipped"]), losses=[row["loss"] for row in r.logbook.rows if "loss" in row])
+    summary.update(r.task.finish(r.forward, r.d, r.say))
+    final = save_training_checkpoint(r, state)
+    if r.d.main:
+        publish_model(final, r.a, state["step"])
+        r.logbook.plot(f"stage {r.a.stage}")
+    r.d.barrier()
+    return summary
 
 
 @torch.no_grad()
-def evaluate(run, dataset, a: TrainArgs, d: Dist, patches, max_len):
+def evaluate(run, dataset, a: TrainArgs, d: Dist, max_len):
     """Token-weighted mean cross-entropy of the answers over a validation set (all processes)."""
     glob = [list(range(i, min(i + a.batch_size * d.world, len(dataset)))) for i in range(0, len(dataset), a.batch_size * d.world)]
     total, count = 0.0, 0
@@ -781,7 +880,7 @@ def evaluate(run, dataset, a: TrainArgs, d: Dist, patches, max_len):
         b = data.collate([dataset[i] for i in batch[d.rank :: d.world]])
         if not b.index:
             continue
-        n = data.count_targets(b.input_ids, b.labels, patches, max_len)
+        n = data.count_targets(b.labels, max_len)
         _, loss = run(b.input_ids, b.pixels, b.labels, num_tokens=1.0)  # the summed cross-entropy
         total, count = total + float(loss), count + n
     total, count = d.sum(total, count)

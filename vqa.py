@@ -4,6 +4,8 @@ file in the authors' prediction format) and look at how tokens are routed to the
 The model, tokenizer and conversation template of a checkpoint directory travel together in an
 `Assistant`; the CLI's ask, chat, eval and route commands are thin wrappers around it."""
 
+import collections
+import hashlib
 import json
 import os
 import uuid
@@ -12,12 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import data
-import files
 import medmoe
-import scorer
-from files import MedMoEError
-from medmoe import IMAGE_TOKEN
+from medmoe import IMAGE_TOKEN, data, files, scorer
+from medmoe.files import MedMoEError
 
 
 def demo_dir():
@@ -51,6 +50,36 @@ def pick_device(device=None, dtype=None, quantized=False):
     return device, dtype
 
 
+class Detokenizer:
+    """One answer's tokens -> its text, piece by piece as it grows: leading spaces dropped, a
+    multi-byte character held back until all its tokens are there; done at a stop token."""
+
+    def __init__(self, tok, stop):
+        self.tok, self.stop, self.ids, self.shown, self.done = tok, stop, [], "", False
+
+    def push(self, t):
+        """The text token t adds ("" if none yet); at the stop token, whatever was held back."""
+        if self.done:
+            return ""
+        if t in self.stop:
+            self.done = True
+            return self.rest()
+        self.ids.append(t)
+        text = self.text()
+        return "" if text.endswith("\ufffd") else self.take(text)
+
+    def rest(self):
+        """The text not given out yet (at the end: also bytes that never became a character)."""
+        return self.take(self.text())
+
+    def text(self):
+        return self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def take(self, text):
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
 class Assistant:
     """A checkpoint ready to answer: model, tokenizer, template and stop tokens.
 
@@ -65,7 +94,9 @@ class Assistant:
         self.tok = data.load_tokenizer(directory)
         self.template = data.get_template(self.model.cfg.template)
         self.stop = data.stop_ids(self.tok, self.template, self.model.cfg.llm.eos_ids)
-        self.image_mode, self.compile, self.name = image_mode, compile, os.path.basename(os.path.abspath(directory))
+        self.image_mode, self.compile = image_mode, compile
+        self.directory = os.path.abspath(directory)
+        self.name = os.path.basename(self.directory)
         if self.model.vision is None:
             raise MedMoEError(f"{directory}: a text-only model (no vision tower) cannot answer questions about images")
 
@@ -78,28 +109,33 @@ class Assistant:
         for q, _ in turns:
             if not q.replace("<image>", "").strip():
                 raise MedMoEError("empty question")
+            if not q.isprintable() and any("\ud800" <= c <= "\udfff" for c in q):  # bytes that were not UTF-8 (surrogateescape)
+                raise MedMoEError("the question is not valid UTF-8 text")
         q0 = turns[0][0].replace("<image>", "").strip()
         turns = [("<image>\n" + q0, turns[0][1])] + list(turns[1:])
-        ids = data.encode_conversation(self.tok, self.template, turns)[0]
-        n, limit = len(ids) - 1 + self.model.cfg.vision.num_patches, self.model.cfg.llm.max_seq_len
-        if n >= limit:  # checked here, before any image work, with a message about the question
-            raise MedMoEError(f"question too long: with its image the prompt is {n} tokens, and the model's context is {limit}")
+        ids = data.encode_conversation(self.tok, self.template, turns, self.model.cfg.vision.num_patches)[0]
+        limit = self.model.cfg.llm.max_seq_len
+        if len(ids) >= limit:  # checked here, before any image work, with a message about the question
+            raise MedMoEError(f"question too long: with its image the prompt is {len(ids)} tokens, and the model's context is {limit}")
         return ids
+
+    def token_steps(self, pixels, prompts, max_new_tokens=256, **sampling):
+        """The model's next token for every prompt [B] per step, as one left-padded batch, ending at
+        this checkpoint's stop tokens (sampling: temperature, top_p, generator; default greedy)."""
+        return self.model.generate_stream(prompts, pixels, max_new_tokens=max_new_tokens, stop_ids=self.stop,
+                                          compile=self.compile, vocab_size=self.tok.get_vocab_size(), **sampling)
 
     def stream(self, pixels, turns, max_new_tokens=256):
         """Yield the answer to the last turn as text pieces, as they are generated."""
-        ids, text, shown = [], "", ""
-        for tok in self.model.generate_stream([self.prompt(turns)], pixels, max_new_tokens=max_new_tokens,
-                                              stop_ids=self.stop, compile=self.compile):
-            if int(tok[0]) in self.stop:
-                break
-            ids.append(int(tok[0]))
-            text = self.tok.decode(ids, skip_special_tokens=True).lstrip()
-            if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its other tokens
-                yield text[len(shown):]
-                shown = text
-        if text != shown:  # the answer ended on bytes that never became a character
-            yield text[len(shown):]
+        text = Detokenizer(self.tok, self.stop)
+        for tok in self.token_steps(pixels, [self.prompt(turns)], max_new_tokens):
+            piece = text.push(int(tok[0]))
+            if piece:
+                yield piece
+            if text.done:
+                return
+        if piece := text.rest():
+            yield piece
 
     def answer(self, pixels, turns, max_new_tokens=256):
         return "".join(self.stream(pixels, turns, max_new_tokens)).strip()
@@ -107,7 +143,8 @@ class Assistant:
     def answer_batch(self, pixels, questions, max_new_tokens=256):
         """Greedy answers to one question per image, as one left-padded batch."""
         prompts = [self.prompt([(q, None)]) for q in questions]
-        out = self.model.generate(prompts, pixels, max_new_tokens=max_new_tokens, stop_ids=self.stop, compile=self.compile)
+        out = self.model.generate(prompts, pixels, max_new_tokens=max_new_tokens, stop_ids=self.stop, compile=self.compile,
+                                  vocab_size=self.tok.get_vocab_size())
         return [self.tok.decode(ids, skip_special_tokens=True).strip() for ids in out]
 
 
@@ -135,12 +172,9 @@ def moe_layer_numbers(model):
     return [i for i, b in enumerate(model.llm.layers) if isinstance(b.ffn, medmoe.MoE)]
 
 
-def token_kinds(ids, patches, limit):
-    """0 for each image-feature position of a prompt, 1 for each text token (as splice lays them out)."""
-    kinds = []
-    for t in ids:
-        kinds += [0] * patches if t == IMAGE_TOKEN else [1]
-    return torch.tensor(kinds[:limit])
+def token_kinds(ids, limit):
+    """0 for each image-feature position of a prompt, 1 for each text token."""
+    return (torch.tensor(ids[:limit]) != IMAGE_TOKEN).long()
 
 
 @torch.inference_mode()
@@ -154,7 +188,7 @@ def route(assistant, pixels, prompts):
     T = routers[0].shape[0] // B
     out = []
     for b, ids in enumerate(prompts):
-        kinds = token_kinds(ids, model.cfg.vision.num_patches, model.cfg.llm.max_seq_len)
+        kinds = token_kinds(ids, model.cfg.llm.max_seq_len)
         start = ids.index(IMAGE_TOKEN)  # tokens before the image (the system prompt) cannot know its modality: not counted
         kinds[:start] = -1
         counts, probs = torch.zeros(len(layers), 2, E), torch.zeros(len(layers), E)
@@ -195,6 +229,15 @@ def routing_table(assistant, r: Routing):
     return "\n".join(lines)
 
 
+def routing_records(images=(), data_file=None, images_dir=None, limit=None, question=None):
+    """What `medmoe route` routes: each image file with `question` (default: a generic one), then
+    the first `limit` records of data_file."""
+    examples = [data.Example(id=p, image=p, turns=[(question or "What is shown in this image?", None)]) for p in images]
+    if data_file:
+        examples += data.load_examples(data_file, images_dir)[:limit]
+    return examples
+
+
 def route_many(assistant, examples, batch_size=16, question=None, progress=True):
     """Routing of many (image, question) records; the question defaults to each record's first."""
     results = []
@@ -232,9 +275,10 @@ def routing_summary(assistant, examples, results):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def read_predictions(path):
-    """question_id -> prediction record of an earlier (perhaps interrupted) run. A last line cut
-    short by the interruption is dropped; that question is simply answered again."""
+def read_predictions(path, model):
+    """question_id -> prediction record of an earlier (perhaps interrupted) run of this `model`
+    (see model_record). A last line cut short by the interruption is dropped; that question is
+    simply answered again. A file holding another model's answers is refused, never mixed in."""
     done = {}
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -245,7 +289,23 @@ def read_predictions(path):
                     continue
                 if isinstance(p, dict) and "question_id" in p:
                     done[str(p["question_id"])] = p
+    other = next((p for p in done.values() if (p.get("metadata") or {}).get("model") != model), None)
+    if other is not None:
+        was = ((other.get("metadata") or {}).get("model") or {}).get("path") or other.get("model_id") or "an unknown model"
+        raise MedMoEError(f"{path} holds answers of another model or setting ({was}): give another --out, or delete it to start afresh")
     return done
+
+
+def model_record(assistant):
+    """What makes answers this model's: its weights (by content), compute dtype, quantization
+    and image preprocessing. Kept in every prediction so a resumed run never mixes in another's."""
+    digest = hashlib.sha256()
+    with open(os.path.join(assistant.directory, "model.safetensors"), "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    quant = assistant.model.cfg.quant
+    return {"path": assistant.directory, "sha256": digest.hexdigest(), "dtype": str(assistant.model.llm.embed.weight.dtype),
+            "quant": f"int{quant.bits}/{quant.group_size}" if quant else None, "image_mode": assistant.image_mode}
 
 
 def evaluate(assistant, examples, out, batch_size=16, max_new_tokens=64, progress=True):
@@ -255,10 +315,14 @@ def evaluate(assistant, examples, out, batch_size=16, max_new_tokens=64, progres
     for ex in examples:
         if ex.image is None or len(ex.turns) < 1 or ex.turns[0][1] is None:
             raise MedMoEError(f"record {ex.id}: evaluation needs an image, a question and its answer")
+    repeated = [i for i, n in collections.Counter(ex.id for ex in examples).items() if n > 1]
+    if repeated:  # answers are kept by question id: two records with one id would share an answer
+        raise MedMoEError(f"record id {repeated[0]!r} appears more than once ({len(repeated)} repeated ids): ids must be unique")
     missing = [ex.image for ex in examples if not os.path.isfile(ex.image)]
     if missing:  # say so before loading anything, not after an hour of answering
         raise MedMoEError(f"{missing[0]}: no such image file ({len(missing)} of {len(examples)} records' images are missing)")
-    done = read_predictions(out)
+    model = model_record(assistant)
+    done = read_predictions(out, model)
     todo = [ex for ex in examples if ex.id not in done]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(examples), initial=len(examples) - len(todo), desc="answering",
@@ -269,7 +333,7 @@ def evaluate(assistant, examples, out, batch_size=16, max_new_tokens=64, progres
             answers = assistant.answer_batch(assistant.pixels(*[ex.image for ex in chunk]), questions, max_new_tokens)
             for ex, q, text in zip(chunk, questions, answers):
                 done[ex.id] = {"question_id": ex.id, "prompt": q, "text": text, "answer_id": uuid.uuid4().hex,
-                               "model_id": assistant.name, "metadata": {}}
+                               "model_id": assistant.name, "metadata": {"model": model}}
                 f.write(json.dumps(done[ex.id]) + "\n")
             f.flush()
             bar.update(len(chunk))

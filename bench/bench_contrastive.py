@@ -20,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..")]
 
-import contrastive as C  # noqa: E402
+from medmoe import contrastive as C  # noqa: E402
 
 SHAPES = {
     # our `tiny` preset (what bench/contrastive_shared.py trains) and the paper's: Swin-T at 224 px,

@@ -23,8 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import convert as converter
 import medmoe
+from medmoe import convert as converter
 
 transformers = __import__("transformers")  # test extra: the reference we compare against
 transformers.logging.set_verbosity_error()
@@ -65,7 +65,7 @@ def hf_and_ours(hf_cfg, cls, tmp):
     vis = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                                      num_attention_heads=2, image_size=28, patch_size=14))
     quiet(vis.save_pretrained, f"{tmp}/clip")
-    converter.convert(f"{tmp}/ours", vision=f"{tmp}/clip", llm=f"{tmp}/hf")
+    converter.convert(f"{tmp}/ours", converter.Sources(vision=f"{tmp}/clip", llm=f"{tmp}/hf"))
     return ref, medmoe.load_model(f"{tmp}/ours")
 
 

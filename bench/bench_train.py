@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 import tiny  # noqa: E402 -- the synthetic image set the tests use
 
-import train  # noqa: E402
+from medmoe import train  # noqa: E402
 
 
 def throughput(log, skip):

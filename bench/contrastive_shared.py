@@ -20,9 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..")]
 
-import contrastive  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
+from medmoe import contrastive, data, train  # noqa: E402
 
 MODALITIES = ("ct", "mri", "xray", "pathology")
 

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-import contrastive as C
-import convert
 import medmoe
+from medmoe import contrastive as C
+from medmoe import convert
 
 transformers = pytest.importorskip("transformers")
 

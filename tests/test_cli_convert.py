@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from hf_models import save_llm, save_vision
 from safetensors.torch import load_file, save_file
 
-import convert
 import medmoe
-from cli import main
+from medmoe import convert
+from medmoe.cli import main
 
 
 def run(*args):
@@ -63,7 +63,7 @@ def test_info_prints_architecture_and_parameter_counts(converted):
 
 def test_load_casts_and_keeps_router_fp32(tmp_path, sources):
     save_llm("mixtral", tmp_path / "mixtral")
-    convert.convert(str(tmp_path / "m"), vision=str(sources / "clip"), llm=str(tmp_path / "mixtral"))
+    convert.convert(str(tmp_path / "m"), convert.Sources(vision=str(sources / "clip"), llm=str(tmp_path / "mixtral")))
     model = medmoe.load_model(str(tmp_path / "m"), dtype=torch.bfloat16)
     assert model.llm.layers[0].attn.q_proj.weight.dtype == torch.bfloat16
     assert model.llm.layers[0].ffn.router.weight.dtype == torch.float32
@@ -76,8 +76,8 @@ def test_sharded_safetensors_source(tmp_path, sources):
     ref = save_llm("phi", tmp_path / "phi")
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    convert.convert(str(tmp_path / "a"), vision=str(sources / "clip"), llm=str(tmp_path / "phi"))
-    convert.convert(str(tmp_path / "b"), vision=str(sources / "clip"), llm=str(tmp_path / "sharded"))
+    convert.convert(str(tmp_path / "a"), convert.Sources(vision=str(sources / "clip"), llm=str(tmp_path / "phi")))
+    convert.convert(str(tmp_path / "b"), convert.Sources(vision=str(sources / "clip"), llm=str(tmp_path / "sharded")))
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import cli
-import contrastive as C
-import kernels
-import train
+from medmoe import cli, kernels, train
+from medmoe import contrastive as C
 
 TOL = 1e-4
 MODALITIES = tiny.MODALITIES
@@ -267,8 +265,8 @@ def test_torchrun_two_processes(trained, tmp_path):
     tmp, train_file, _ = trained
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "cli.py",
-                           "train", "--stage", "contrastive", "--model", str(tmp / "m0"), "--data", str(train_file), "--out",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "-m", "medmoe.cli"]
+    done = subprocess.run([*torchrun, "train", "--stage", "contrastive", "--model", str(tmp / "m0"), "--data", str(train_file), "--out",
                            str(tmp_path / "two"), "--max-steps", "3", "--batch-size", "3", "--lr", "1e-3", "--train-text"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

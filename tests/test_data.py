@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import medmoe
-from medmoe import IGNORE, IMAGE_TOKEN, MedMoEError
+from medmoe import IGNORE, IMAGE_TOKEN, MedMoEError, data
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ EXPECTED = {
 @pytest.mark.parametrize("name", list(data.TEMPLATES))
 def test_template_masks_all_but_the_answers(tok, name):
     full, supervised = EXPECTED[name]
-    ids, labels = data.encode_conversation(tok, data.get_template(name), TURNS)
+    ids, labels = data.encode_conversation(tok, data.get_template(name), TURNS, patches=1)
     assert len(ids) == len(labels) and ids.count(IMAGE_TOKEN) == 1
     assert decode(tok, ids) == full
     assert decode(tok, [t for t, lab in zip(ids, labels) if lab != IGNORE]) == supervised
@@ -65,7 +64,7 @@ def test_template_masks_all_but_the_answers(tok, name):
     if name == "plain":  # stage 1 captions: no questions, so no prompts to compare
         return
     # a generation prompt is the conversation cut where the last answer would start
-    prompt, _ = data.encode_conversation(tok, data.get_template(name), [TURNS[0], (TURNS[1][0], None)])
+    prompt, _ = data.encode_conversation(tok, data.get_template(name), [TURNS[0], (TURNS[1][0], None)], patches=1)
     cut = len(prompt)
     assert ids[:cut] == prompt and labels[cut] != IGNORE and labels[cut - 1] == IGNORE
 
@@ -238,12 +237,13 @@ def test_count_targets_matches_splice(tok):
     vision = medmoe.VisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
     model = medmoe.MedMoE(medmoe.Config(llm=llm, vision=vision))
     t = data.get_template("chatml")
-    batch = [data.encode_conversation(tok, t, TURNS), data.encode_conversation(tok, t, [("<image>\nWhere is it?", "left lung")])]
+    P = vision.num_patches
+    batch = [data.encode_conversation(tok, t, TURNS, P), data.encode_conversation(tok, t, [("<image>\nWhere is it?", "left lung")], P)]
     ids, labels = [b[0] for b in batch], [b[1] for b in batch]
     for limit in (60, 45):  # 45 truncates the first conversation inside its answers
         model.cfg.llm.max_seq_len = limit
         _, _, lab = model.splice(ids, torch.zeros(2, 3, 16, 16), labels)
-        assert data.count_targets(ids, labels, vision.num_patches, limit) == int((lab[:, 1:] != IGNORE).sum())
+        assert data.count_targets(labels, limit) == int((lab[:, 1:] != IGNORE).sum())
 
 
 def test_dataset_skips_bad_images(tmp_path, tok):

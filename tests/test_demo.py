@@ -11,9 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 from test_demo_data import packages_or_skip
 
-import cli
-import data
-import scorer
+from medmoe import cli, data, scorer
 
 
 @pytest.fixture(scope="module")

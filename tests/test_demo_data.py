@@ -8,9 +8,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-import data
-import demo
-from medmoe import MedMoEError
+from medmoe import MedMoEError, data, demo
 
 
 def packages_or_skip():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import convert
 import medmoe
+from medmoe import convert
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

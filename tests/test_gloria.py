@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import contrastive as C
+from medmoe import contrastive as C
 
 # ----------------------------------------------------------------------------- words from word pieces
 

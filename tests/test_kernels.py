@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-import kernels
-from kernels import DISPATCHES, moe_mlp
+from medmoe import kernels
+from medmoe.kernels import DISPATCHES, moe_mlp
 
 E, H, FF = 4, 16, 24  # H and FF keep strides 16-byte aligned, so CPU takes F.grouped_mm
 

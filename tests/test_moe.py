@@ -181,6 +181,6 @@ def test_upcycled_model_saves_and_loads_identically(tmp_path):
     M.save_model(model, tmp_path / "ckpt")
     loaded = M.load_model(tmp_path / "ckpt")
     assert loaded.cfg == model.cfg and loaded.cfg.moe.num_experts == 3
-    ids, pixels = [[1, M.IMAGE_TOKEN, 2, 3]], torch.randn(1, 3, 28, 28)
+    ids, pixels = [[1, *[M.IMAGE_TOKEN] * vision.num_patches, 2, 3]], torch.randn(1, 3, 28, 28)
     assert torch.equal(loaded(ids, pixels)[0], model(ids, pixels)[0])
     assert loaded.generate(ids, pixels, max_new_tokens=5, stop_ids=[]) == model.generate(ids, pixels, max_new_tokens=5, stop_ids=[])

@@ -5,15 +5,15 @@ import pytest
 import torch
 from hf_models import FAMILIES, VOCAB, save_llava, save_llm, save_vision
 
-import convert
 import medmoe
+from medmoe import convert
 
 TOL = 1e-4
 
 
 def convert_and_load(tmp_path, **sources):
     out = tmp_path / "converted"
-    convert.convert(str(out), **{k: str(v) for k, v in sources.items()})
+    convert.convert(str(out), convert.Sources(**{k: str(v) for k, v in sources.items()}))
     return medmoe.load_model(str(out))
 
 
@@ -64,7 +64,8 @@ def test_vision_tower_hidden_states(tmp_path, kind, feature_layer):
     ref = save_vision(kind, tmp_path / kind)
     save_llm("llama", tmp_path / "llm")
     out = tmp_path / "converted"
-    convert.convert(str(out), vision=str(tmp_path / kind), llm=str(tmp_path / "llm"), feature_layer=feature_layer)
+    source = convert.Sources(vision=str(tmp_path / kind), llm=str(tmp_path / "llm"))
+    convert.convert(str(out), source, choices=convert.Choices(feature_layer=feature_layer))
     ours = medmoe.load_model(str(out))
     pixels = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
@@ -86,7 +87,7 @@ def test_llava_with_image(tmp_path):
     hf_ids = torch.tensor([text_a + [image_token] * n_img + text_b])
     with torch.no_grad():
         want = ref(input_ids=hf_ids, pixel_values=pixels).logits
-    prompt = text_a + [medmoe.IMAGE_TOKEN] + text_b
+    prompt = text_a + [medmoe.IMAGE_TOKEN] * n_img + text_b
     got, _ = ours([prompt], pixels)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= TOL

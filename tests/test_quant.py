@@ -16,11 +16,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from torch._dynamo.utils import counters
 
-import cli
-import convert
-import files
-import kernels
 import medmoe as M
+from medmoe import cli, convert, files, kernels
 
 # Quantized layers run their matrix products in bf16 (what the packed CPU kernels are fast in):
 # against fp32 on the same dequantized weights, a few bf16 steps (2^-8 relative) of the output scale.

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import cli
-import data
 import medmoe as M
+from medmoe import cli, data
 
 pytest.importorskip("gguf")
 try:
@@ -46,7 +45,7 @@ def models(tmp_path_factory):
     loaded = {"fp32": M.load_model(tmp / "fp32"), "bf16": M.load_model(tmp / "fp32", dtype=torch.bfloat16),
               "int8": M.load_model(tmp / "int8"), "int4": M.load_model(tmp / "int4")}
     template = data.get_template(loaded["fp32"].cfg.template)
-    prompts = [data.encode_conversation(tok, template, [(q, None)])[0] for q in PROMPTS]
+    prompts = [data.encode_conversation(tok, template, [(q, None)], patches=1)[0] for q in PROMPTS]
     return loaded, tok, prompts
 
 

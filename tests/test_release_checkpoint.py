@@ -16,8 +16,8 @@ import torch
 from hf_models import VOCAB, save_llm, save_vision
 from safetensors.torch import save_file
 
-import convert
 import medmoe
+from medmoe import convert
 
 E = 4
 
@@ -102,7 +102,7 @@ def test_released_checkpoint_matches_oracle(tmp_path, family, meta, router_bias,
     clip = save_vision("clip", tmp_path / "clip", width=128, heads=2)  # CLIP heads are 64 wide
     ref = save_llm(family, tmp_path / "base")
     oracle, proj = write_release(tmp_path / "release", family, clip, ref, meta, router_bias, top_k)
-    convert.convert(str(tmp_path / "out"), released=str(tmp_path / "release"))
+    convert.convert(str(tmp_path / "out"), convert.Sources(released=str(tmp_path / "release")))
     ours = medmoe.load_model(str(tmp_path / "out"))
     moe = ours.cfg.moe
     assert (moe.top_k, moe.meta_expert, moe.router_bias, moe.renormalize) == (top_k, meta, router_bias, top_k > 1)
@@ -120,7 +120,7 @@ def test_released_checkpoint_matches_oracle(tmp_path, family, meta, router_bias,
         text = ref.model.embed_tokens(torch.tensor([[5, 9, 33], [7, 1, 2]]))
         embeds = torch.cat([text[:1], visual, text[1:]], dim=1)
         want = ref(inputs_embeds=embeds).logits
-    got, _ = ours([[5, 9, 33, medmoe.IMAGE_TOKEN, 7, 1, 2]], pixels)
+    got, _ = ours([[5, 9, 33, *[medmoe.IMAGE_TOKEN] * ours.cfg.vision.num_patches, 7, 1, 2]], pixels)
     assert (got - want).abs().max().item() <= 1e-4
 
 
@@ -132,7 +132,7 @@ def test_dense_stage2_release_and_use_residual_is_refused(tmp_path):
     cfg["moe"]["use_residual"] = True
     (tmp_path / "release" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(medmoe.MedMoEError, match="use_residual"):
-        convert.convert(str(tmp_path / "out"), released=str(tmp_path / "release"))
+        convert.convert(str(tmp_path / "out"), convert.Sources(released=str(tmp_path / "release")))
     # a stage-2 (dense LLaVA-Phi) release: same layout without the MoE block
     stage2 = tmp_path / "stage2"
     stage2.mkdir()
@@ -142,7 +142,7 @@ def test_dense_stage2_release_and_use_residual_is_refused(tmp_path):
     state.update({f"model.mm_projector.image_spatial_proj.{k}": torch.zeros(s) for k, s in shapes.items()})
     save_file(state, stage2 / "model.safetensors")
     (stage2 / "config.json").write_text(json.dumps({**ref.config.to_dict(), "model_type": "llava_phi", "mm_vision_select_layer": -2}))
-    convert.convert(str(tmp_path / "out2"), released=str(stage2))
+    convert.convert(str(tmp_path / "out2"), convert.Sources(released=str(stage2)))
     ours = medmoe.load_model(str(tmp_path / "out2"))
     assert ours.cfg.moe is None
     ids = [[3, 4, 5, 6]]

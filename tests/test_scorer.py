@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-import scorer
-from scorer import bleu1, closed_correct, exact_match, f1_score, format_table, normalize_word, score
+from medmoe import scorer
+from medmoe.scorer import bleu1, closed_correct, exact_match, f1_score, format_table, normalize_word, score
 
 # written out again rather than imported, so a character missing from scorer.PUNCTUATION fails here
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]

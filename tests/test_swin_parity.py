@@ -6,10 +6,8 @@ import json
 import pytest
 import torch
 
-import contrastive
-import convert
-import files
 import medmoe
+from medmoe import contrastive, convert, files
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,10 +13,8 @@ import tiny
 import torch
 from click.testing import CliRunner
 
-import cli
-import files
 import medmoe
-import train
+from medmoe import cli, files, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +131,7 @@ def test_sigterm_saves_and_resume_matches(tmp_path, stages):
               "--epochs", "6", "--lr", "1e-3", "--router-steps", "10"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "train", *common, "--out", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "medmoe.cli", "train", *common, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "train_log.jsonl"
     deadline = time.time() + 120
@@ -146,7 +144,7 @@ def test_sigterm_saves_and_resume_matches(tmp_path, stages):
     stopped_at = len(log.read_text().splitlines())
     assert 3 <= stopped_at < 288
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:07d}"
-    done = subprocess.run([sys.executable, "-m", "cli", "train", *common, "--out", str(out), "--resume"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "medmoe.cli", "train", *common, "--out", str(out), "--resume"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     reference = train.train(args(tmp, 2, tmp / "s1", tmp_path / "ref", batch_size=1, epochs=6, lr=1e-3, router_steps=10))
@@ -162,7 +160,7 @@ def test_two_processes_equal_one(tmp_path, stages, shard):
               "--lr", "1e-3", "--router-steps", "20"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     port = str(29517 + len(shard))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "cli.py",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m", "medmoe.cli",
                           *common, *shard, "--batch-size", "2", "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -258,3 +256,63 @@ def test_grad_checkpointing_changes_nothing_but_memory(tmp_path, stages):
     assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-6)
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# ----------------------------------------------------------------------------- the checkpoint lifecycle under kills
+
+
+class Killed(BaseException):
+    """A kill -9 at a file operation: nothing of the trainer's runs after it (BaseException: no
+    `except Exception` in the trainer can catch it)."""
+
+
+def file_operations(monkeypatch, kill_at=None):
+    """Count the trainer's file operations (renames, links, deletions, writes of trainer state);
+    with kill_at, die at that one: before it happens, or for a deletion halfway through it."""
+    count = [0]
+
+    def hooked(name, real):
+        def op(*a, **kw):
+            count[0] += 1
+            if count[0] == kill_at:
+                if name == "rmtree" and os.path.isdir(a[0]):  # a directory half deleted
+                    for entry in sorted(os.listdir(a[0]))[:1]:
+                        os.remove(os.path.join(a[0], entry))
+                raise Killed(f"{name} {a[:1]}")
+            return real(*a, **kw)
+        return op
+
+    for module, name in ((os, "rename"), (os, "replace"), (os, "link"), (os, "remove"), (shutil, "rmtree"), (torch, "save")):
+        monkeypatch.setattr(module, name, hooked(name, getattr(module, name)))
+    return count
+
+
+def test_a_kill_at_any_file_operation_then_resume_gives_the_same_model(tmp_path, stages, monkeypatch):
+    """Issue 13: kill the trainer at each of its file operations in turn (saving, moving
+    `latest`, rotating old checkpoints, publishing the final model); `--resume` then always ends
+    with the uninterrupted run's weights and router, and nothing half-written is left behind."""
+    tmp, _ = stages
+    run = lambda out, resume=False: train.train(args(tmp, 2, tmp / "s1", out, max_steps=4, save_every=2, keep=1, router_steps=10,
+                                                     resume=resume))
+    with monkeypatch.context() as m:
+        ops = file_operations(m)
+        run(tmp_path / "whole")
+    want, want_router = tensors(tmp_path / "whole"), tensors_of(tmp_path / "whole" / "router.safetensors")
+    assert ops[0] >= 10
+    for k in range(1, ops[0] + 1):
+        out = tmp_path / f"kill{k}"
+        with monkeypatch.context() as m, pytest.raises(Killed):
+            file_operations(m, kill_at=k)
+            run(out)
+        summary = run(out, resume=True)
+        assert summary.get("complete") or summary["steps"] == 4, k
+        assert changed(want, tensors(out)) == set(), k
+        assert changed(want_router, tensors_of(out / "router.safetensors")) == set(), k
+        left = [n for n in os.listdir(out / "checkpoints") + os.listdir(out) if ".tmp" in n or ".trash" in n]
+        assert left == [], (k, left)
+        assert run(out, resume=True).get("complete"), k  # and once finished, it says so
+        shutil.rmtree(out)
+
+
+def tensors_of(path):
+    return {k: v.clone() for k, v in files.read_safetensors(str(path)).items()}

@@ -3,6 +3,7 @@ router applied by hand, eval resume, and bad input for every command (one line, 
 
 import json
 import re
+import shutil
 
 import pytest
 import tiny
@@ -10,10 +11,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-import data
 import medmoe
-import vqa
+from medmoe import cli, data, vqa
 
 QUESTION = "What modality is this image?"
 
@@ -108,7 +107,7 @@ def test_routing_counts_match_the_router(model_dir, dataset):
     r = vqa.route(a, a.pixels(image), [ids])[0]
     patches = a.model.cfg.vision.num_patches
     manual, _ = manual_routing(a, image, ids)
-    image_pos = torch.arange(len(ids) - 1 + patches)
+    image_pos = torch.arange(len(ids))  # the prompt holds one position per image feature
     start = ids.index(medmoe.IMAGE_TOKEN)
     is_image = (image_pos >= start) & (image_pos < start + patches)
     for j, (_, chosen) in enumerate(sorted(manual.items())):
@@ -207,7 +206,14 @@ def bad_files(tmp_path_factory, model_dir):
     foreign = tmp / "hf"
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}))
-    return {"good": good, "missing": tmp / "nope.png", "corrupt": corrupt, "text": text, "foreign": foreign, "nomodel": tmp / "none"}
+    # configs that parse as JSON but have the wrong shape or types (issue 13)
+    config = json.loads((model_dir / "config.json").read_text())
+    broken = {"listconfig": [config], "stringnumber": {**config, "llm": {**config["llm"], "hidden_size": "48"}}}
+    for name, bad in broken.items():
+        shutil.copytree(model_dir, tmp / name)
+        (tmp / name / "config.json").write_text(json.dumps(bad))
+    return {"good": good, "missing": tmp / "nope.png", "corrupt": corrupt, "text": text, "foreign": foreign, "nomodel": tmp / "none",
+            "listconfig": tmp / "listconfig", "stringnumber": tmp / "stringnumber"}
 
 
 def command(name, image, model, question=QUESTION, tmp=None):
@@ -231,11 +237,15 @@ CASES = {
     "foreign model": ("good", "foreign", QUESTION, "run `medmoe convert` first"),
     "empty question": ("good", "model", "   ", "empty question"),
     "too long question": ("good", "model", "why " * 400, "question too long"),
+    "question not UTF-8": ("good", "model", "is it \udcff\udcfe?", "not valid UTF-8"),  # bytes as Python passes them on
+    "config.json a list": ("good", "listconfig", QUESTION, "config.json: expected a JSON object, found a list"),
+    "number as a string": ("good", "stringnumber", QUESTION, 'hidden_size is "48": expected an integer'),
 }
 
 
-@pytest.mark.parametrize("name", ["ask", "chat", "eval", "route"])
-@pytest.mark.parametrize("case", list(CASES))
+# chat reads its questions from a terminal, not as command-line bytes: no undecodable question there
+@pytest.mark.parametrize("case, name", [(c, n) for c in CASES for n in ("ask", "chat", "eval", "route")
+                                        if (c, n) != ("question not UTF-8", "chat")])
 def test_bad_input_is_one_line(name, case, bad_files, model_dir, tmp_path):
     image, model, question, message = CASES[case]
     model = model_dir if model == "model" else bad_files[model]

@@ -7,8 +7,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-import data
 import medmoe
+from medmoe import data
 
 MODALITIES = ["ct", "mri", "pathology", "xray"]
 

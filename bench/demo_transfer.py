@@ -1,0 +1,89 @@
+"""Does the demo model know real scans it has never seen? (issue 15)
+
+After `medmoe demo` (built here once per seed, in a temporary folder, exactly as the command
+builds it), ask "What modality is this image?" about every distinct modality-labelled image of
+the VQA-RAD and PathVQA test files in ../shared/data, which the default demo never trains on, and
+read the router: the modality whose expert gets the highest mean router probability over the
+tokens from the image on (as `medmoe route` judges it).
+
+    python bench/demo_transfer.py [--seeds 0,1,2] [--shared ../shared/data] [--model DIR]
+
+--model measures an existing model instead of building demos. Floors (issue 15): at least 75%
+answer accuracy and 75% router accuracy on every seed."""
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..")]
+
+from medmoe import data, demo, vqa  # noqa: E402
+
+QUESTION = "What modality is this image?"
+SPOKEN = {"ct": ("ct", "ct scan"), "mri": ("mri", "mri scan", "mr"), "xray": ("x-ray", "xray", "x ray", "radiograph"),
+          "pathology": ("pathology", "pathology slide", "histology")}
+
+
+def test_images(shared):
+    """One record per distinct modality-labelled test image (VQA-RAD and PathVQA)."""
+    seen = {}
+    for folder in ("vqa_rad", "pathvqa"):
+        for r in data.read_records(os.path.join(shared, folder, "test.jsonl")):
+            image = os.path.join(shared, folder, r["image"])
+            if r.get("modality") in SPOKEN and image not in seen:
+                seen[image] = data.Example(id=image, image=image, turns=[(QUESTION, None)], modality=r["modality"])
+    return list(seen.values())
+
+
+def is_right(answer, modality):
+    return re.sub(r"[^a-z\- ]", "", answer.lower()).strip() in SPOKEN[modality]
+
+
+def measure(model_dir, examples, batch_size=32):
+    """Answer and router accuracy, overall and per modality."""
+    a = vqa.Assistant(model_dir)
+    answers = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        answers += a.answer_batch(a.pixels(*[ex.image for ex in chunk]), [QUESTION] * len(chunk), max_new_tokens=8)
+    routing = vqa.route_many(a, examples, batch_size, progress=False)
+    names = vqa.expert_names(a.model)
+    routed = [names[int(r.probs.mean(0).argmax())] for r in routing]
+    per = {}
+    for ex, answer, expert in zip(examples, answers, routed):
+        right = per.setdefault(ex.modality, [0, 0, 0])
+        right[0] += is_right(answer, ex.modality)
+        right[1] += expert == ex.modality
+        right[2] += 1
+    n = len(examples)
+    return {"answer": sum(v[0] for v in per.values()) / n, "router": sum(v[1] for v in per.values()) / n, "per": per,
+            "said": sorted({ans for ans in answers})[:12]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", default=os.path.join(HERE, "..", "..", "shared", "data"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--model", help="Measure this model instead of building the demo.")
+    a = p.parse_args()
+    examples = test_images(a.shared)
+    counts = {m: sum(ex.modality == m for ex in examples) for m in SPOKEN}
+    print(f"{len(examples)} distinct test images: {counts}\n")
+    print("| seed | demo s | answer | router | ct | mri | x-ray | pathology |\n|---|---|---|---|---|---|---|---|")
+    for seed in [None] if a.model else [int(s) for s in a.seeds.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.time()
+            model = a.model or demo.run(tmp, seed=seed, log=lambda *m: None)["model"]
+            seconds = time.time() - start
+            r = measure(model, examples)
+        cells = " | ".join(f"{v[0]}/{v[2]} answer, {v[1]}/{v[2]} router" for v in (r["per"][m] for m in SPOKEN))
+        print(f"| {'-' if seed is None else seed} | {seconds:.0f} | {r['answer']:.1%} | {r['router']:.1%} | {cells} |", flush=True)
+        print(f"  answers seen: {r['said']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
