@@ -9,6 +9,7 @@ Each source is read into (config, tensors named like our state dict) and written
 Imports files, medmoe, data and contrastive; nothing imports it but the CLI, tests and benches.
 """
 
+import json
 import math
 import os
 import re
@@ -26,6 +27,28 @@ MODEL_TYPES = {"phi": "phi", "stablelm": "stablelm", "stablelm_epoch": "stablelm
                "llama": "llama", "mistral": "llama", "mixtral": "llama"}
 HF_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu",
            "silu": "silu", "swish": "silu"}
+
+
+# Keys whose values size tensors: a number written as a string (or a list where a number belongs)
+# would fail deep inside a conversion, so it is refused where the file is read.
+NUMBER_KEY = re.compile(r"^(num_\w+|\w+_(size|eps|heads|layers|theta|factor|dim)|max_position_embeddings)$")
+
+
+def read_hf_config(directory):
+    """A Hugging Face config.json (nested text/vision configs too), its numbers checked."""
+    path = os.path.join(directory, "config.json")
+    hf = read_json(path)
+
+    def check(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                check(value, f"{prefix}{key}.")
+            numbers = value if isinstance(value, list) else [value]  # e.g. Swin's heads per stage, an [h, w] size
+            if NUMBER_KEY.match(key) and not all(v is None or type(v) in (int, float) for v in numbers):
+                raise MedMoEError(f"{path}: {prefix}{key} is {json.dumps(value)[:40]}: expected a number (or a list of them)")
+
+    check(hf)
+    return hf
 
 
 def hf_llm_config(hf, max_seq_len=None):
@@ -313,9 +336,9 @@ def hf_checkpoint(source: Sources, choices: Choices):
     vision, llm, llava, released = source.vision, source.llm, source.llava, source.released
     feature_layer, max_seq_len = choices.feature_layer, choices.max_seq_len
     src = llm or llava or released
-    hf = read_json(os.path.join(src, "config.json"))
+    hf = read_hf_config(src)
     tensors, stacks = convert_tensors(read_weights(src), src, only=None if (llava or released) else {"llm"})
-    vis_hf = read_json(os.path.join(vision, "config.json")) if vision else None
+    vis_hf = read_hf_config(vision) if vision else None
     if vision:
         tensors = {k: v for k, v in tensors.items() if not k.startswith("vision.")}
         tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"})[0])
@@ -354,7 +377,7 @@ def gguf_checkpoint(out_dir, source: Sources, choices: Choices):
     if vision:
         tensors.update(convert_tensors(read_weights(vision), vision, only={"vision"})[0])
         pre = read_json(os.path.join(vision, "preprocessor_config.json"), required=False)
-        vis = hf_vision_config(read_json(os.path.join(vision, "config.json")), pre, choices.feature_layer)
+        vis = hf_vision_config(read_hf_config(vision), pre, choices.feature_layer)
     cfg = medmoe.Config(llm=llm_cfg, vision=vis, template=choices.template or gguf_template)
     if tokenizer_json is not None:
         os.makedirs(out_dir, exist_ok=True)
@@ -410,8 +433,8 @@ def clip_config_from_tensors(tensors):
 # ----------------------------------------------------------------------------- MedMoE (contrastive.py): Hugging Face Swin and BERT
 
 
-def square(value, name):
-    """HF allows an int or an [h, w] pair; Swin checkpoints are square."""
+def side_of(value, name):
+    """The side of a square size: HF allows an int or an [h, w] pair; Swin checkpoints are square."""
     if isinstance(value, int):
         return value
     if len(value) != 2 or value[0] != value[1]:
@@ -433,7 +456,7 @@ def swin_config_from_hf(hf, preprocessor=None) -> contrastive.SwinConfig:
     if isinstance(size, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
         size = [size["height"], size["width"]] if "height" in size else size["shortest_edge"]
     return contrastive.SwinConfig(
-        image_size=square(size, "image size"), patch_size=square(hf.get("patch_size", default.patch_size), "patch size"),
+        image_size=side_of(size, "image size"), patch_size=side_of(hf.get("patch_size", default.patch_size), "patch size"),
         in_channels=hf.get("num_channels", default.in_channels), embed_dim=hf.get("embed_dim", default.embed_dim),
         depths=hf.get("depths", default.depths), num_heads=hf.get("num_heads", default.num_heads),
         window_size=hf.get("window_size", default.window_size), mlp_ratio=hf.get("mlp_ratio", default.mlp_ratio),
@@ -481,7 +504,7 @@ def convert_swin(tensors, where):
 def load_hf_swin(directory, dtype=None, device="cpu") -> contrastive.Swin:
     """A HF Swin checkpoint directory (config.json, weights, optional preprocessor_config.json)
     as an eval-mode Swin. Tensors are memory-mapped when no cast is needed."""
-    hf = read_json(os.path.join(directory, "config.json"))
+    hf = read_hf_config(directory)
     preprocessor = read_json(os.path.join(directory, "preprocessor_config.json"), required=False)
     cfg = swin_config_from_hf(hf, preprocessor)
     tensors = convert_swin(read_weights(directory), directory)
@@ -548,7 +571,7 @@ def convert_bert(tensors, where):
 
 def load_hf_bert(directory):
     """contrastive.TextEncoder from a Hugging Face BERT directory (config.json + weights), frozen as the spec says."""
-    cfg = text_config_from_hf(read_json(os.path.join(directory, "config.json")))
+    cfg = text_config_from_hf(read_hf_config(directory))
     with torch.device("meta"):
         model = contrastive.TextEncoder(cfg)
     tensors = {k: v.float() for k, v in convert_bert(read_weights(directory), directory).items()}  # fp16 releases too

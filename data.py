@@ -183,6 +183,14 @@ def load_dicom(path):
 IMAGE_MODES = ("pad", "crop", "resize")
 
 
+def pad_to_square(img, fill=0):
+    """The image centred on a square of colour `fill` (LLaVA's expand2square): nothing stretched."""
+    side = max(img.size)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return out
+
+
 def preprocess(img, vision, mode="pad"):
     """RGB PIL image -> normalised [3, S, S] tensor for the vision tower (config `vision`).
     pad: centre on a square of the mean colour first (Med-MoE stages 2-3, `expand2square`);
@@ -190,10 +198,7 @@ def preprocess(img, vision, mode="pad"):
     resize: straight to S x S (SigLIP's processor)."""
     S = vision.image_size
     if mode == "pad":
-        side = max(img.size)
-        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in vision.mean))
-        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        img = square
+        img = pad_to_square(img, tuple(int(m * 255) for m in vision.mean))
     if mode == "resize":
         img = img.resize((S, S), Image.BICUBIC)
     elif mode in ("pad", "crop"):

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import random
@@ -24,12 +25,12 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from tqdm import tqdm
 
 from medmoe import train as trainer
 from medmoe import vqa
-from medmoe.data import load_examples, load_image, read_records
+from medmoe.data import load_examples, load_image, pad_to_square, read_records
 from medmoe.files import MedMoEError
 from medmoe.plots import heatmap
 
@@ -173,21 +174,27 @@ def read_dicom(path, name):
 # ----------------------------------------------------------------------------- cutting: frames -> (image, frame, box)
 
 
-def square(img):
-    """Pad to a square on black, the background of every scan here, so nothing is stretched."""
-    side = max(img.size)
-    out = Image.new(img.mode, (side, side))
-    out.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-    return out
-
-
-def augment(img, rng):
-    """Training copies only: mirror, and a gamma change so that copies are not pixel repeats."""
+def augment(img, rng, modality):
+    """Training copies only, made to differ as other hospitals' exports differ from these files
+    (issue 15): mirrored; another window (contrast, brightness) and gamma; for pathology another
+    stain (hue and saturation); sometimes blurred; mostly JPEG re-compressed."""
     if rng.random() < 0.5:
         img = ImageOps.mirror(img)
-    gamma = rng.uniform(0.75, 1.33)
-    lut = [round(255 * (v / 255) ** gamma) for v in range(256)]
-    return img.point(lut * len(img.getbands()))
+    lo, hi, gamma = rng.uniform(0, 0.2), rng.uniform(0.8, 1.0), rng.uniform(0.6, 1.6)
+    lut = [round(255 * min(1.0, max(0.0, (v / 255 - lo) / (hi - lo))) ** gamma) for v in range(256)]
+    img = img.point(lut * len(img.getbands()))
+    if modality == "pathology":
+        shift, saturation = rng.randrange(256), rng.uniform(0.5, 1.5)
+        h, s, v = img.convert("HSV").split()
+        h, s = h.point(lambda x: (x + shift) % 256), s.point(lambda x: min(255, round(x * saturation)))
+        img = Image.merge("HSV", (h, s, v)).convert("RGB")
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    if rng.random() < 0.7:
+        jpeg = io.BytesIO()
+        img.save(jpeg, "JPEG", quality=rng.randint(30, 90))
+        img = Image.open(jpeg).convert(img.mode)
+    return img
 
 
 def cut_slices(src, frames, rng, size):
@@ -201,14 +208,14 @@ def cut_slices(src, frames, rng, size):
         z = train[i] if i < len(train) else rng.choice(train)
         frame, box = frames[z], (0, 0, *frames[z].size)
         if i >= len(train):  # crop the squared slice, and keep the box in the slice's own pixels
-            img, w, h = square(frame), frame.width, frame.height
+            img, w, h = pad_to_square(frame), frame.width, frame.height  # on black, the background of every scan here
             side = round(img.width * rng.uniform(0.85, 1.0))
             x, y = rng.randint(0, img.width - side), rng.randint(0, img.width - side)
             frame = img.crop((x, y, x + side, y + side))
             x, y = x - (img.width - w) // 2, y - (img.width - h) // 2
             box = (max(x, 0), max(y, 0), min(x + side, w), min(y + side, h))
         img = fit(frame, size)
-        out["train"].append((augment(img, rng) if i >= len(train) else img, z, box, i >= len(train)))
+        out["train"].append((augment(img, rng, src.modality) if i >= len(train) else img, z, box, i >= len(train)))
     return out
 
 
@@ -246,7 +253,7 @@ def cut_crops(src, frames, rng, size):
             if split == "train" and overlaps(box, keep_out):
                 continue  # rejection sampling: the field minus the held-out box is an L or a band, not a rectangle
             crop = fit(img.crop(box), size)
-            out[split].append((augment(crop, rng) if split == "train" else crop, 0, box, split == "train"))
+            out[split].append((augment(crop, rng, src.modality) if split == "train" else crop, 0, box, split == "train"))
             if len(out[split]) == count:
                 break
         if len(out[split]) < count:

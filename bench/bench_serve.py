@@ -43,7 +43,7 @@ def questions(records, n):
 
 
 def start_server(model):
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--model", model, "--port", "0", "--max-batch", "16"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "medmoe.cli", "serve", "--model", model, "--port", "0", "--max-batch", "16"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if " at " not in line:

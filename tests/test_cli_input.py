@@ -140,10 +140,14 @@ def test_a_bad_shard_index_is_one_line(tmp_path, index, message):
     assert "model.safetensors.index.json" in line and message in line, line
 
 
-def test_a_record_file_of_the_wrong_shape_is_one_line(made, tmp_path):
+@pytest.mark.parametrize("command", ["eval", "init", "train"])
+def test_a_record_file_of_the_wrong_shape_is_one_line(made, tmp_path, command):
     tmp, _ = made
     (tmp_path / "r.json").write_text(json.dumps({"image": "a.png", "question": "q"}))
-    line = error_line(run("eval", "--data", tmp_path / "r.json", "--model", tmp / "model"))
+    args = {"eval": ["eval", "--data", tmp_path / "r.json", "--model", tmp / "model"],
+            "init": ["init", tmp_path / "new", "--data", tmp_path / "r.json"],
+            "train": ["train", "--stage", "2", "--model", tmp / "model", "--data", tmp_path / "r.json", "--out", tmp_path / "o"]}[command]
+    line = error_line(run(*args))
     assert "r.json: expected a list, found a JSON object" in line
 
 
@@ -283,3 +287,13 @@ def test_ctrl_c_while_still_importing_says_aborted():
         assert "Traceback" not in err, err
         interrupted, finished = proc.returncode == 130 and "Aborted" in err, proc.returncode == 1 and "no config.json" in err
         assert interrupted or finished, (proc.returncode, err)
+
+
+def test_a_hugging_face_config_with_a_number_as_a_string_is_one_line(tmp_path):
+    from hf_models import save_llm
+
+    save_llm("llama", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_attention_heads": "4"}))
+    line = error_line(run("convert", tmp_path / "out", "--llm", tmp_path / "hf"))
+    assert 'config.json: num_attention_heads is "4": expected a number' in line, line
