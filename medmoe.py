@@ -615,7 +615,7 @@ class MedMoE(nn.Module):
         if sum(images) < len(feats):
             raise MedMoEError(f"more images given ({len(feats)}) than <image> placeholders in the prompts ({sum(images)})")
         embeds = emb(ids.masked_fill(is_image, 0))
-        if images and sum(images):
+        if sum(images):
             # The k-th image position of a row is feature k % P of the row's image k // P: every
             # image fills P positions, and only a row's last one can be cut short by truncation.
             P, k = feats.shape[1], is_image.cumsum(1) - 1
