@@ -53,15 +53,17 @@ def measure(model_dir, examples, batch_size=32):
     routing = vqa.route_many(a, examples, batch_size, progress=False)
     names = vqa.expert_names(a.model)
     routed = [names[int(r.probs.mean(0).argmax())] for r in routing]
-    per = {}
+    per, confusion = {}, {}
     for ex, answer, expert in zip(examples, answers, routed):
+        said = confusion.setdefault(ex.modality, {})
+        said[answer] = said.get(answer, 0) + 1
         right = per.setdefault(ex.modality, [0, 0, 0])
         right[0] += is_right(answer, ex.modality)
         right[1] += expert == ex.modality
         right[2] += 1
     n = len(examples)
     return {"answer": sum(v[0] for v in per.values()) / n, "router": sum(v[1] for v in per.values()) / n, "per": per,
-            "said": sorted({ans for ans in answers})[:12]}
+            "confusion": confusion}
 
 
 def main():
@@ -82,7 +84,9 @@ def main():
             r = measure(model, examples)
         cells = " | ".join(f"{v[0]}/{v[2]} answer, {v[1]}/{v[2]} router" for v in (r["per"][m] for m in SPOKEN))
         print(f"| {'-' if seed is None else seed} | {seconds:.0f} | {r['answer']:.1%} | {r['router']:.1%} | {cells} |", flush=True)
-        print(f"  answers seen: {r['said']}", file=sys.stderr)
+        for m, said in r["confusion"].items():  # what it calls each modality's images
+            print(f"  {m} images answered: " + ", ".join(f"{k!r} {v}" for k, v in sorted(said.items(), key=lambda kv: -kv[1])),
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":
