@@ -63,9 +63,7 @@ def json_value(v, annotation, where):
             return from_json(t, v, where)
         if base in (list, tuple) and isinstance(v, list):
             return base(v)
-        if (v is None and t is type(None)) or (isinstance(v, bool) and base is bool):
-            return v
-        if (base in (int, float, str) and isinstance(v, base) and not isinstance(v, bool)) or (base is float and type(v) is int):
+        if type(v) is base or (base is float and type(v) is int):  # JSON's own types: true is no integer
             return v
     wanted = json_kind(tuple(typing.get_origin(t) or t for t in options if not dataclasses.is_dataclass(t)) or dict)
     raise MedMoEError(f"{where} is {json.dumps(v)[:40]}: expected {wanted}")

@@ -109,7 +109,7 @@ class Assistant:
         for q, _ in turns:
             if not q.replace("<image>", "").strip():
                 raise MedMoEError("empty question")
-            if not q.isprintable() and any("\ud800" <= c <= "\udfff" for c in q):  # bytes that were not UTF-8 (surrogateescape)
+            if any("\ud800" <= c <= "\udfff" for c in q):  # bytes that were not UTF-8 (Python's surrogateescape)
                 raise MedMoEError("the question is not valid UTF-8 text")
         q0 = turns[0][0].replace("<image>", "").strip()
         turns = [("<image>\n" + q0, turns[0][1])] + list(turns[1:])
