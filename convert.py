@@ -19,7 +19,7 @@ import torch
 
 import medmoe
 from medmoe import contrastive, data, kernels
-from medmoe.files import MedMoEError, atomic_write, read_json, read_safetensors, read_weights, write_bytes
+from medmoe.files import MedMoEError, atomic_write, read_json, read_safetensors, read_weights, release, write_bytes
 
 # ----------------------------------------------------------------------------- Hugging Face, LLaVA, Med-MoE
 
@@ -313,12 +313,17 @@ def write_converted(cfg, tensors, fetch, out_dir, tokenizer_json=None, dtype=Non
             specs[name] = medmoe.cast(name, tensors[source(name)].to("meta"), dtype)
 
     data_of = {v: k for k, v in scales_of.items()}
+    read = []  # source tensors already turned into output: their pages go back (files.release)
 
     def get(name):  # the file may ask for a weight's scales first: what is made but not asked for waits
+        while read:  # by the next call, the writer has written what the last one returned (maybe the source itself)
+            release(read.pop())
         if name in pending:
             return pending.pop(name)
         weight = data_of.get(name, name)
         t = fetch(source(weight))
+        if t is tensors.get(source(weight)):  # the source's own tensor (a stacked one is a temporary copy)
+            read.append(t)
         if weight not in scales_of:
             return medmoe.cast(name, t, dtype)
         bits = 8 if specs[weight].dtype == torch.int8 else 4  # (an int4 model's LM head is int8)
@@ -328,6 +333,8 @@ def write_converted(cfg, tensors, fetch, out_dir, tokenizer_json=None, dtype=Non
         return out
 
     medmoe.save_checkpoint(model.cfg, specs, out_dir, tokenizer_json, get)
+    for t in read:
+        release(t)
     return model
 
 

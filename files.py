@@ -106,6 +106,25 @@ def read_safetensors(path):
         raise MedMoEError(f"{path}: not a safetensors file, or truncated or corrupt ({e})") from None
 
 
+def release(t):
+    """Hand a tensor's memory pages back to the OS once it has been read (Linux's MADV_PAGEOUT:
+    a page of a memory-mapped file is dropped and read again if touched again; other memory goes
+    to swap if there is any, so no data is ever lost). Converting reads each source tensor once:
+    without this, every page of a memory-mapped source stays resident until the process ends
+    (quantizing the StableLM shape from its 6.7 GiB bf16 checkpoint peaked at 7.8 GiB, 1.1 GiB
+    with it). Python's mmap.madvise only takes mmap objects, and safetensors keeps its mapping
+    to itself, hence ctypes."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start and _libc is not None:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)  # a hint: errors are ignored
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_MADV_PAGEOUT = 21  # Linux 5.4+; elsewhere madvise refuses it and nothing happens
+
+
 def read_weights(directory):
     """All tensors of a checkpoint directory: (sharded) safetensors, or PyTorch .bin as older
     releases ship them (loaded with mmap, weights only: no code from the file is run)."""

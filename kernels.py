@@ -318,15 +318,20 @@ def _pack_int4(q):
     return torch._convert_weight_to_int4pack_for_cpu(q, 1)
 
 
-def _unpack_int4(data):
+def _unpack_int4(data, dtype=torch.uint8):
+    """Packed [..., N, K/2] -> the values 0..15 as dtype [..., N, K]. Each nibble is written
+    straight to its place in the output (no concatenated or transposed intermediate copies)."""
     *lead, N, half = data.shape
     K, full = 2 * half, N // 64 * 64
     flat = data.reshape(*lead, N * half)
+    out = torch.empty(*lead, N, K, dtype=dtype)
     main = flat[..., : full * half].reshape(*lead, full // 64, K, 32)
-    main = torch.cat([main & 15, main >> 4], -1).transpose(-1, -2).reshape(*lead, full, K)
+    blocks = out[..., :full, :].view(*lead, full // 64, 64, K)
+    blocks[..., :32, :].copy_((main & 15).transpose(-1, -2))
+    blocks[..., 32:, :].copy_((main >> 4).transpose(-1, -2))
     tail = flat[..., full * half :].reshape(*lead, K, (N - full) // 2)
-    tail = torch.stack([tail & 15, tail >> 4], -1).reshape(*lead, K, N - full).transpose(-1, -2)
-    return torch.cat([main, tail], -2)
+    out[..., full:, :].copy_(torch.stack([tail & 15, tail >> 4], -1).reshape(*lead, K, N - full).transpose(-1, -2))
+    return out
 
 
 def check_int4_layout():
@@ -340,11 +345,12 @@ def dequantize(data: Tensor, scales: Tensor, dtype=torch.float32) -> Tensor:
     """(data, scales) -> the float weight [..., N, K] it stands for."""
     if data.dtype == torch.int8:
         return data.to(dtype) * scales.to(dtype)[..., None]
-    q = _unpack_int4(data)
-    *lead, N, K = q.shape
+    w = _unpack_int4(data, dtype)
+    *lead, N, K = w.shape
     s = scales.to(dtype).transpose(-3, -2)  # [..., N, K/g, 2]
-    w = (q.reshape(*lead, N, s.shape[-2], -1).to(dtype) - 8) * s[..., :1] + s[..., 1:]
-    return w.reshape(*lead, N, K)
+    scale, zero = s[..., :1], s[..., 1:] - 8 * s[..., :1]  # w = (q - 8) * scale + zero = q * scale + (zero - 8 scale)
+    # in place: eager bf16 addcmul with broadcast scales was 3x slower than mul_ + add_ (5632x2048, 2 threads)
+    return w.view(*lead, N, s.shape[-2], -1).mul_(scale).add_(zero).view(*lead, N, K)
 
 
 def group_size(data, scales):
@@ -369,6 +375,7 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
         y = F.linear(x2, dequantize(data, scales, x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
+
 
 
 def linear(x, w, b=None):

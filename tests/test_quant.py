@@ -269,6 +269,40 @@ def test_conversion_holds_one_source_tensor_at_a_time(tmp_path):
     assert M.load_model(tmp_path / "q").cfg.quant.bits == 4
 
 
+def rss_file():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or tuple(map(int, os.uname().release.split(".")[:2])) < (5, 4),
+                    reason="measures Linux's resident file pages; MADV_PAGEOUT needs Linux 5.4")
+@pytest.mark.parametrize("quant", [None, M.QuantConfig(bits=8)], ids=["cast", "int8"])
+def test_converting_a_mapped_checkpoint_hands_its_pages_back(tmp_path, quant):
+    """Every source page read stays resident while the mapping lives unless files.release gives it
+    back: the source (64 MiB of embedding) must not stay in memory, and what is written must
+    still be exactly what the (re-read) source holds."""
+    model = tiny_model(moe=False)
+    model.llm.embed.weight.data = torch.randn(2**18, model.cfg.llm.hidden_size)  # 64 MiB of fp32
+    model.cfg.llm.vocab_size = 2**18
+    model.llm.lm_head.weight = model.llm.embed.weight
+    M.save_model(model, tmp_path / "src")
+    tensors = files.read_safetensors(tmp_path / "src" / "model.safetensors")
+    gc.collect()  # an earlier test's mappings go now, not while this one measures
+    before = rss_file()
+    convert.write_converted(model.cfg, tensors, tensors.__getitem__, tmp_path / "out", dtype=torch.bfloat16, quant=quant)
+    assert rss_file() - before < 16 * 2**20, (rss_file() - before) / 2**20  # tensors still maps all 64+ MiB
+    out = files.read_safetensors(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["llm.embed.weight"], tensors["llm.embed.weight"].bfloat16())
+
+
+def test_release_never_loses_data():
+    """Memory that is not a file's (here a tensor's own) keeps its values: release is only a hint."""
+    t = torch.randn(2**20)
+    want = t.clone()
+    files.release(t)
+    assert torch.equal(t, want)
+
+
 def test_bad_quantization_inputs_are_one_line(tmp_path, float_ckpt):
     def clean_error(result, *words):
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
