@@ -344,7 +344,7 @@ def check_int4_layout():
 def dequantize(data: Tensor, scales: Tensor, dtype=torch.float32) -> Tensor:
     """(data, scales) -> the float weight [..., N, K] it stands for."""
     if data.dtype == torch.int8:
-        return data.to(dtype) * scales.to(dtype)[..., None]
+        return data.to(dtype).mul_(scales.to(dtype)[..., None])
     w = _unpack_int4(data, dtype)
     *lead, N, K = w.shape
     s = scales.to(dtype).transpose(-3, -2)  # [..., N, K/g, 2]
