@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,10 @@ QUESTION_TOKENS = 60
 
 
 def peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: a worker
+    started from this script inherits the ru_maxrss of the parent (its 2 GiB bandwidth probe)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def worker(cmd, *args):
@@ -144,18 +146,23 @@ def memory(ckpt, threads):
 
 
 def memory_table(shape, args, work):
-    """--memory-only: the peak memory of answering with int4 / int8 weights, vision tower float or int4."""
+    """--memory-only: the peak memory of converting to and answering with each of --dtypes (int4+vision: the
+    vision tower quantized too)."""
     bf16 = os.path.join(work, f"{shape}-bf16")
-    worker("build", shape, bf16)
-    print(f"\n### {shape}: peak resident memory answering one question (eager), {args.threads} threads\n")
-    print("| weights | checkpoint | peak memory |\n|---|---|---|")
+    built = worker("build", shape, bf16)
+    size = lambda ckpt: os.path.getsize(os.path.join(ckpt, "model.safetensors")) / GiB
+    print(f"\n### {shape}: peak resident memory converting from bf16 and answering one question (eager), {args.threads} threads\n")
+    print(f"built the random bf16 checkpoint ({size(bf16):.2f} GiB) in {built['seconds']:.0f} s, peak memory "
+          f"{built['peak_rss'] / GiB:.2f} GiB\n")
+    print("| weights | checkpoint | convert (peak memory) | peak memory answering |\n|---|---|---|---|")
     for dtype in args.dtypes.split(","):
         ckpt = bf16 if dtype == "bf16" else os.path.join(work, f"{shape}-{dtype}")
-        if dtype != "bf16":
-            worker("convert", bf16, ckpt, dtype)
+        conv = worker("convert", bf16, ckpt, dtype) if dtype != "bf16" else None
+        conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)"
         r = worker("memory", ckpt, args.threads)
-        print(f"| {dtype} | {os.path.getsize(os.path.join(ckpt, 'model.safetensors')) / GiB:.2f} GiB | {r['peak_rss'] / GiB:.2f} GiB |",
-              flush=True)
+        print(f"| {dtype} | {size(ckpt):.2f} GiB | {conv_txt} | {r['peak_rss'] / GiB:.2f} GiB |", flush=True)
+        if dtype != "bf16":
+            medmoe_dir_cleanup(ckpt)
 
 
 def hf_dense(shape, threads, new_tokens):
@@ -307,8 +314,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=16, help="decoded tokens timed per answer")
     p.add_argument("--rounds", type=int, default=3, help="SmolLM2: round-robin rounds")
     p.add_argument("--no-smollm", action="store_true")
-    p.add_argument("--memory-only", action="store_true", help="only the peak memory of answering (eager), per --dtypes "
-                   "(int4+vision: the vision tower quantized too)")
+    p.add_argument("--memory-only", action="store_true", help="only the peak memory of converting and of answering (eager), per "
+                   "--dtypes (int4+vision: the vision tower quantized too)")
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
