@@ -5,6 +5,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import sys
 import types
 import typing
 
@@ -121,8 +122,9 @@ def release(t):
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)  # a hint: errors are ignored
 
 
-_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
-_MADV_PAGEOUT = 21  # Linux 5.4+; elsewhere madvise refuses it and nothing happens
+# Linux 5.4+ (an older kernel refuses the advice and nothing happens); other systems number their advice differently
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_PAGEOUT = 21
 
 
 def read_weights(directory):
