@@ -324,7 +324,7 @@ def _unpack_int4(data, dtype=torch.uint8):
     *lead, N, half = data.shape
     K, full = 2 * half, N // 64 * 64
     flat = data.reshape(*lead, N * half)
-    out = torch.empty(*lead, N, K, dtype=dtype)
+    out = data.new_empty((*lead, N, K), dtype=dtype)
     main = flat[..., : full * half].reshape(*lead, full // 64, K, 32)
     blocks = out[..., :full, :].view(*lead, full // 64, 64, K)
     blocks[..., :32, :].copy_((main & 15).transpose(-1, -2))
@@ -375,7 +375,6 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
         y = F.linear(x2, dequantize(data, scales, x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
-
 
 
 def linear(x, w, b=None):
