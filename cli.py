@@ -260,9 +260,10 @@ def model_options(f):
         click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True,
                      help="pad: as trained (stages 2-3); crop: as the authors' evaluation script."),
         click.option("--compile/--no-compile", "compile_", default=None, help="Compile the decode step (default: on GPUs)."),
-        click.option("--dtype", type=click.Choice([*DTYPES, "int8", "int4"]),
-                     help="Compute dtype, or quantize a float checkpoint on loading (default: bf16 on GPUs and for "
-                          "quantized checkpoints, else fp32)."),
+        click.option("--dtype", type=click.Choice([*DTYPES, "bf16w", "int8", "int4"]),
+                     help="Compute dtype; bf16w: bf16 weights with fp32 compute (fp32's answers in half the memory; "
+                          "use with --compile on a CPU); int8/int4: quantize a float checkpoint on loading (default: "
+                          "bf16 on GPUs and for quantized checkpoints, else fp32)."),
     ]):
         f = opt(f)
     return f
@@ -272,8 +273,9 @@ def assistant(model_dir, device, image_mode, compile_, dtype):
     from medmoe import vqa
 
     quant = quant_config(dtype) if dtype in ("int8", "int4") else None
-    return vqa.Assistant(vqa.find_model(model_dir), device=device, dtype=DTYPES.get(dtype), quant=quant, image_mode=image_mode,
-                         compile=compile_)
+    bf16w = dtype == "bf16w"
+    return vqa.Assistant(vqa.find_model(model_dir), device=device, dtype=torch.float32 if bf16w else DTYPES.get(dtype), quant=quant,
+                         image_mode=image_mode, compile=compile_, matrix_dtype=torch.bfloat16 if bf16w else None)
 
 
 def echo_stream(pieces):

@@ -5,7 +5,8 @@
 Experts live in stacked tensors (up_proj/gate_proj [E, F, H], down_proj [E, H, F]) and every path below
 runs the same expert MLP (`_expert`); they differ only in how one linear layer reaches the
 right expert's weights. A weight may also be weight-only quantized (int8 / int4, see the end of
-this file): then it is a (data, scales) pair and every path reaches the quantized kernels.
+this file): then it is a (data, scales) pair and every path reaches the quantized kernels. A
+float weight stored narrower than x (weight-only bf16) is upcast where it is read.
   loop     for each expert, the tokens routed to it -> F.linear. Simple; the test oracle.
   grouped  sort the (token, slot) rows by expert, then one grouped GEMM per projection over
            contiguous row blocks. Best for prefill and training.
@@ -19,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 DISPATCHES = ("loop", "grouped", "gather")
 
@@ -119,7 +121,7 @@ def _moe_gather(x, idx, weight, weights, act):
         if isinstance(w, tuple):  # quantized: no bmm over int weights; one opaque op per projection
             y = _expert_qmm(a, *w, flat)
         else:
-            y = torch.bmm(w[flat], a.unsqueeze(-1)).squeeze(-1)  # [T*k, out, in] @ [T*k, in, 1]
+            y = torch.bmm(w[flat].to(a.dtype), a.unsqueeze(-1)).squeeze(-1)  # [T*k, out, in] @ [T*k, in, 1]
         return y if b is None else y + b[flat]
 
     y = _expert(x.repeat_interleave(k, dim=0), linear, weights, act)
@@ -155,7 +157,7 @@ def _moe_grouped(x, idx, weight, weights, act):
     offs = torch.searchsorted(expert_of_row, experts, right=True, out_int32=True)
 
     def linear(a, w, b):
-        y = _expert_qmm(a, *w, expert_of_row) if isinstance(w, tuple) else _grouped_mm(a, w, offs)
+        y = _expert_qmm(a, *w, expert_of_row) if isinstance(w, tuple) else _grouped_mm(a, w.to(a.dtype), offs)
         return y if b is None else y + b[expert_of_row]
 
     y = _expert(x[tok], linear, weights, act)
@@ -268,7 +270,9 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #   inductor-fused  F.linear(x, w.to(bf16)) * s    1.97                   (gpt-fast's int8 form)
 #   int4 dequantise: 28 ms eager, 8.6 ms compiled; then F.linear at M=636: 10.4 ms
 # torchao's int8/int4 weight-only CPU layouts call these same two aten kernels, so the optional
-# dependency would buy nothing here.
+# dependency would buy nothing here. fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
+# fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits too:
+# SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used.
 INT8_PACKED_MAX_ROWS = 8
 INT4_PACKED_MAX_ROWS = 128
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -378,18 +382,23 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
 
 
 def linear(x, w, b=None):
-    """F.linear for a float weight or a quantized (data, scales) pair. One bf16/fp16 row on CPU
-    under torch.compile (a decode step) is written as a row-wise dot product instead: inductor
-    makes it one vectorised kernel that reads each weight once and accumulates in fp32. oneDNN's
-    bf16 matrix-vector product is compute-bound at one row: measured on the 2-core AVX512/AMX CPU,
-    12 GB/s against 23 GB/s for the generated kernel (and 26 GB/s for MKL's fp32 product)."""
+    """F.linear for a float weight or a quantized (data, scales) pair. A float weight may be stored
+    narrower than x (weight-only bf16, medmoe.load_model's matrix_dtype): it is upcast as it is
+    read, so every product is in x's dtype. One bf16/fp16 row on CPU under torch.compile (a decode
+    step) is written as a row-wise dot product instead: inductor makes it one vectorised kernel
+    that reads each weight once and accumulates in fp32 (bf16w needs it: eager, the upcast copies
+    make decoding 3.7x slower at the StableLM shape). For plain bf16 it is a close call: on the 2-core AVX512/AMX CPU
+    oneDNN's one-row product read 12 GB/s against 23 GB/s for the generated kernel one day, 17-18
+    against 12-13 another (bench/bench_kernels.py); whole-model compiled decoding, with this
+    kernel, stayed at least as fast as eager (BENCHMARKS.md)."""
     if isinstance(w, tuple):
         return qlinear(x, *w, b)
-    one_row = x.shape[:-1].numel() == 1
-    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
+    # guard_or_false: a row count known only at run time (one expert's tokens) takes the general path
+    one_row = guard_or_false(x.shape[:-1].numel() == 1)
+    if w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
         y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
         return (y if b is None else y + b.float()).to(x.dtype)
-    return F.linear(x, w, b)
+    return F.linear(x, w.to(x.dtype), b)
 
 
 def num_experts(w):

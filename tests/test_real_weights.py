@@ -43,6 +43,7 @@ def models(tmp_path_factory):
         assert result.exit_code == 0, result.output
     tok = data.load_tokenizer(tmp / "fp32")
     loaded = {"fp32": M.load_model(tmp / "fp32"), "bf16": M.load_model(tmp / "fp32", dtype=torch.bfloat16),
+              "bf16w": M.load_model(tmp / "fp32", dtype=torch.float32, matrix_dtype=torch.bfloat16),
               "int8": M.load_model(tmp / "int8"), "int4": M.load_model(tmp / "int4")}
     template = data.get_template(loaded["fp32"].cfg.template)
     prompts = [data.encode_conversation(tok, template, [(q, None)], patches=1)[0] for q in PROMPTS]
@@ -56,13 +57,14 @@ def last_logits(model, ids):
 
 # Identical 16-token greedy answers, of 20. Issue 11 asks for 18; measured here (batched, as below):
 # bf16 12, int8 7 (one prompt at a time: 13 and 9). Where they part, fp32's top two logits are close
-# and bf16 rounding (int8 decoding computes in bf16 too) tips them; an fp32 LM head alone lifts bf16
-# to 16 of 20. With every product in fp32, bf16-rounded weights give 18 and per-channel int8 ones 12
-# (BENCHMARKS.md). These floors guard against regressions until that is closed.
-SAME_ANSWERS = {"bf16": 11, "int8": 6}
+# and rounding the activations to bf16 (int8 decoding computes in bf16 too) tips them. bf16 weights
+# under fp32 activations (bf16w: load_model's matrix_dtype) give 18, batched, one at a time and
+# compiled alike. Per-channel int8 weights with every product in fp32 give 11 or 12: the ceiling of
+# per-channel int8 on these weights (BENCHMARKS.md). int8's floor guards against regressions.
+SAME_ANSWERS = {"bf16": 11, "bf16w": 18, "int8": 6}
 
 
-@pytest.mark.parametrize("variant", ["bf16", "int8"])
+@pytest.mark.parametrize("variant", ["bf16", "bf16w", "int8"])
 def test_logits_and_greedy_answers_close_to_fp32(models, variant):
     loaded, tok, prompts = models
     ref, model = loaded["fp32"], loaded[variant]

@@ -75,6 +75,18 @@ def test_ask_streams_the_greedy_answer(model_dir, dataset):
     assert as_json["answer"] == expected and as_json["question"] == QUESTION
 
 
+def test_ask_with_bf16_weights_computes_in_fp32(model_dir, dataset):
+    image = first_image(dataset)
+    bf16w = vqa.Assistant(model_dir, dtype=torch.float32, matrix_dtype=torch.bfloat16)
+    assert bf16w.model.llm.lm_head.weight.dtype == torch.bfloat16 and bf16w.model.llm.dtype == torch.float32
+    result = run("ask", image, QUESTION, "--model", model_dir, "--max-new-tokens", 8, "--dtype", "bf16w")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == oracle(bf16w, image, [(QUESTION, None)])
+    # predictions record it apart from fp32 and bf16, so a resumed eval never mixes them
+    records = {vqa.model_record(a)["dtype"] for a in (bf16w, vqa.Assistant(model_dir), vqa.Assistant(model_dir, dtype=torch.bfloat16))}
+    assert records == {"torch.float32, matrices torch.bfloat16", "torch.float32", "torch.bfloat16"}
+
+
 def test_model_found_from_environment(model_dir, dataset, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDMOE_MODEL", str(model_dir))
     assert run("ask", first_image(dataset), QUESTION, "--max-new-tokens", 2).exit_code == 0
