@@ -259,11 +259,11 @@ def model_options(f):
         click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--image-mode", type=click.Choice(list(data.IMAGE_MODES)), default="pad", show_default=True,
                      help="pad: as trained (stages 2-3); crop: as the authors' evaluation script."),
-        click.option("--compile/--no-compile", "compile_", default=None, help="Compile the decode step (default: on GPUs)."),
+        click.option("--compile/--no-compile", "compile_", default=None, help="Compile the decode step (default: on GPUs and for bf16w)."),
         click.option("--dtype", type=click.Choice([*DTYPES, "bf16w", "int8", "int4"]),
-                     help="Compute dtype; bf16w: bf16 weights with fp32 compute (fp32's answers in half the memory; "
-                          "use with --compile on a CPU); int8/int4: quantize a float checkpoint on loading (default: "
-                          "bf16 on GPUs and for quantized checkpoints, else fp32)."),
+                     help="Compute dtype; bf16w: bf16 weights with fp32 compute (fp32's answers from half its weight "
+                          "bytes); int8/int4: quantize a float checkpoint on loading (default: bf16 on GPUs and for "
+                          "quantized checkpoints, else fp32)."),
     ]):
         f = opt(f)
     return f

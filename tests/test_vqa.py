@@ -79,6 +79,7 @@ def test_ask_with_bf16_weights_computes_in_fp32(model_dir, dataset):
     image = first_image(dataset)
     bf16w = vqa.Assistant(model_dir, dtype=torch.float32, matrix_dtype=torch.bfloat16)
     assert bf16w.model.llm.lm_head.weight.dtype == torch.bfloat16 and bf16w.model.llm.dtype == torch.float32
+    assert bf16w.compile  # on a CPU too: eager, each matrix would be upcast for every token
     result = run("ask", image, QUESTION, "--model", model_dir, "--max-new-tokens", 8, "--dtype", "bf16w")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == oracle(bf16w, image, [(QUESTION, None)])
