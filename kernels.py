@@ -387,7 +387,7 @@ def linear(x, w, b=None):
     read, so every product is in x's dtype. One bf16/fp16 row on CPU under torch.compile (a decode
     step) is written as a row-wise dot product instead: inductor makes it one vectorised kernel
     that reads each weight once and accumulates in fp32 (bf16w needs it: eager, the upcast copies
-    make decoding 3.7x slower at the StableLM shape). For plain bf16 it is a close call: on the 2-core AVX512/AMX CPU
+    make decoding 3.7-4.5x slower at the StableLM shape). For plain bf16 it is a close call: on the 2-core AVX512/AMX CPU
     oneDNN's one-row product read 12 GB/s against 23 GB/s for the generated kernel one day, 17-18
     against 12-13 another (bench/bench_kernels.py); whole-model compiled decoding, with this
     kernel, stayed at least as fast as eager (BENCHMARKS.md)."""

@@ -914,7 +914,7 @@ def load_model(directory, dtype=None, device="cpu", quant=None, matrix_dtype=Non
     quant: quantize a float checkpoint on the fly (a QuantConfig).
     matrix_dtype: weight-only bf16. The large matrices (matrix_names) are stored in it, the rest
     in dtype, so every activation and every product stays in dtype: each matrix is upcast as it
-    is read (kernels.linear). Half of fp32's memory with fp32's answers: on real SmolLM2 weights,
+    is read (kernels.linear). Half of fp32's weight bytes, fp32's answers: on real SmolLM2 weights,
     bf16 matrices under fp32 activations give 18 of 20 greedy answers identical to fp32's, a
     model all in bf16 gives 12 (tests/test_real_weights.py). Prefill pays for it on CPUs whose
     bf16 GEMM is fast (AMX), and an eager decode step for the upcast copies: compile decoding."""
