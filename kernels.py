@@ -381,16 +381,20 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
     return y if bias is None else y + bias
 
 
+NARROW_CHUNK = 1024  # rows of a narrower weight upcast at a time, for at most NARROW_CHUNKED_MAX_ROWS rows of x
+NARROW_CHUNKED_MAX_ROWS = 16
+
+
 def linear(x, w, b=None):
     """F.linear for a float weight or a quantized (data, scales) pair. A float weight may be stored
     narrower than x (weight-only bf16, medmoe.load_model's matrix_dtype): it is upcast as it is
     read, so every product is in x's dtype. One bf16/fp16 row on CPU under torch.compile (a decode
     step) is written as a row-wise dot product instead: inductor makes it one vectorised kernel
-    that reads each weight once and accumulates in fp32 (bf16w needs it: eager, the upcast copies
-    make decoding 3.7-4.5x slower at the StableLM shape). For plain bf16 it is a close call: on the 2-core AVX512/AMX CPU
-    oneDNN's one-row product read 12 GB/s against 23 GB/s for the generated kernel one day, 17-18
-    against 12-13 another (bench/bench_kernels.py); whole-model compiled decoding, with this
-    kernel, stayed at least as fast as eager (BENCHMARKS.md)."""
+    that reads each weight once and accumulates in fp32. bf16w needs it: eager, upcasting each
+    matrix in blocks, decoding was 3.4x slower at the StableLM shape. For plain bf16 it is a close
+    call: on the 2-core AVX512/AMX CPU oneDNN's one-row product read 12 GB/s against 23 GB/s for
+    the generated kernel one day, 17-20 against 12-16 another (bench/bench_kernels.py); whole-model
+    compiled decoding, with this kernel, stayed about as fast as eager (BENCHMARKS.md)."""
     if isinstance(w, tuple):
         return qlinear(x, *w, b)
     # guard_or_false: a row count known only at run time (one expert's tokens) takes the general path
@@ -398,6 +402,12 @@ def linear(x, w, b=None):
     if w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
         y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
         return (y if b is None else y + b.float()).to(x.dtype)
+    if w.dtype != x.dtype and guard_or_false(x.shape[:-1].numel() <= NARROW_CHUNKED_MAX_ROWS):
+        # a few rows through a narrower weight: upcast it a block of rows at a time. A whole
+        # upcast writes twice the weight's bytes for a few rows of output (822 MB for StableLM's
+        # LM head); 1024-row blocks were 2.8x faster per 5632x2048 matrix (2 threads)
+        y = torch.cat([F.linear(x, w[i : i + NARROW_CHUNK].to(x.dtype)) for i in range(0, w.shape[0], NARROW_CHUNK)], -1)
+        return y if b is None else y + b
     return F.linear(x, w.to(x.dtype), b)
 
 

@@ -41,7 +41,7 @@ def candidates(N, K, M):
         "bf16, F.linear (oneDNN)": (2, lambda: [F.linear(x16, w) for w in w16]),
         "bf16, compiled one-row kernel": (2, lambda: [one_row(x16, w) for w in w16]),
         "bf16w (fp32 x), compiled one-row kernel": (2, lambda: [one_row(x32, w) for w in w16]),
-        "bf16w (fp32 x), eager upcast + F.linear": (2, lambda: [kernels.linear(x32, w) for w in w16]),
+        "bf16w (fp32 x), eager, upcast in 1024-row blocks": (2, lambda: [kernels.linear(x32, w) for w in w16]),
         "int8, _weight_int8pack_mm": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
         "int4 g64, _weight_int4pack_mm_for_cpu": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
     }

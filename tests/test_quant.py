@@ -348,6 +348,14 @@ def test_every_dispatch_path_computes_fp32_on_bf16_stored_experts(impl, T, k, co
         assert rel_err(got, moe(x, idx, weight, rounded, "loop")) < FP32_TOL
 
 
+@pytest.mark.parametrize("rows", [1, 3, 40])  # a few rows: the weight upcast in blocks (with a tail); many: at once
+def test_linear_on_a_bf16_weight_computes_fp32(rows):
+    w, b = torch.randn(2 * kernels.NARROW_CHUNK + 100, 64).bfloat16(), torch.randn(2 * kernels.NARROW_CHUNK + 100)
+    x = torch.randn(2, rows, 64)
+    got = kernels.linear(x, w, b)
+    assert got.dtype == torch.float32 and rel_err(got, F.linear(x.double(), w.double(), b.double())) < FP32_TOL
+
+
 def rounded_twin(model):
     """The fp32 model whose matrices hold their bf16-rounded values."""
     twin = M.MedMoE(model.cfg).eval()
