@@ -89,7 +89,7 @@ class Assistant:
     def __init__(self, directory, device=None, dtype=None, quant=None, image_mode="pad", compile=None, matrix_dtype=None):
         device, dtype = pick_device(device, dtype, quantized=quant is not None or medmoe.load_config(directory).quant is not None)
         # compiling the decode step pays off on a GPU; on a CPU its ~20 s first call buys nothing,
-        # except under bf16 matrices: eager, every matrix is upcast for every token (3.7x slower)
+        # except under bf16 matrices: eager, every matrix is upcast for every token (3.4x slower)
         compile = (device.type == "cuda" or matrix_dtype is not None) if compile is None else compile
         self.model = medmoe.load_model(directory, dtype=dtype, device=device, quant=quant, matrix_dtype=matrix_dtype)
         self.tok = data.load_tokenizer(directory)
