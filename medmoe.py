@@ -920,7 +920,8 @@ def load_model(directory, dtype=None, device="cpu", quant=None, matrix_dtype=Non
     bf16 GEMM is fast (AMX), and an eager decode step for the upcast copies: compile decoding."""
     cfg = load_config(directory)
     if matrix_dtype is not None and (cfg.quant or quant):
-        raise MedMoEError(f"{directory}: weight-only {matrix_dtype} applies to a float checkpoint, not a quantized one")
+        name = str(matrix_dtype).removeprefix("torch.")
+        raise MedMoEError(f"{directory}: {name} weights (bf16w) need a float checkpoint, not a quantized one")
     if cfg.quant and cfg.quant.bits == 4 and not kernels.check_int4_layout():
         raise MedMoEError(f"{directory}: this torch packs int4 weights differently: re-run `medmoe convert --quantize int4`")
     model = empty_model(cfg)

@@ -88,6 +88,13 @@ def test_ask_with_bf16_weights_computes_in_fp32(model_dir, dataset):
     assert records == {"torch.float32, matrices torch.bfloat16", "torch.float32", "torch.bfloat16"}
 
 
+def test_bf16w_on_a_quantized_checkpoint_is_one_line(model_dir, dataset, tmp_path):
+    assert run("convert", tmp_path / "int8", "--model", model_dir, "--quantize", "int8").exit_code == 0
+    result = run("ask", first_image(dataset), QUESTION, "--model", tmp_path / "int8", "--dtype", "bf16w")
+    assert result.exit_code == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "need a float checkpoint" in result.stderr
+
+
 def test_model_found_from_environment(model_dir, dataset, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDMOE_MODEL", str(model_dir))
     assert run("ask", first_image(dataset), QUESTION, "--max-new-tokens", 2).exit_code == 0
