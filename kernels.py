@@ -399,11 +399,12 @@ def linear(x, w, b=None):
     if isinstance(w, tuple):
         return qlinear(x, *w, b)
     # guard_or_false: a row count known only at run time (one expert's tokens) takes the general path
-    one_row = guard_or_false(x.shape[:-1].numel() == 1)
+    rows = x.shape[:-1].numel()
+    one_row = guard_or_false(rows == 1)
     if w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
         y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
         return (y if b is None else y + b.float()).to(x.dtype)
-    if w.dtype != x.dtype and guard_or_false(x.shape[:-1].numel() <= NARROW_CHUNKED_MAX_ROWS):
+    if w.dtype != x.dtype and guard_or_false(rows <= NARROW_CHUNKED_MAX_ROWS):
         # a few rows through a narrower weight: upcast it a block of rows at a time. A whole
         # upcast writes twice the weight's bytes for a few rows of output (822 MB for StableLM's
         # LM head); 1024-row blocks were 2.8x faster per 5632x2048 matrix (2 threads)
