@@ -1,0 +1,113 @@
+"""A fast, rough screen for issue 15's demo data: does a change to demo.py's images help the
+vision tower tell real scans apart? Seconds per seed, where bench/demo_transfer.py takes minutes.
+
+    python bench/demo_probe.py [--seeds 0,1,2,3,4,5] [--shared ../shared/data]
+
+For each seed: the demo's images, exactly as `medmoe demo` assembles them, then the demo preset's
+vision tower alone, trained from scratch with a linear head on its mean patch feature to name each
+training image's modality (AdamW, one-cycle schedule, --epochs). Printed: that classifier's
+accuracy on the demo's own held-out images and on the modality-labelled test images of VQA-RAD
+and PathVQA (demo_transfer.py's set), per modality, and the mean and worst over the seeds.
+
+What it is good for, measured 2026-11-29 against demo_transfer.py: it moved the way the full
+demo's cross-source answers moved. With training copies zoomed out onto a letterboxed canvas
+(branch issue15-zoom) it read 58.7% mean over seeds 0-5 against main's 50.8% (pathology 55-57 of 64
+images against 25-48); the demo's answers, seeds 0-2, 63.1% against 45.8% (pathology 54/61/40
+against 52/14/31). What it misses: the demo's own held-out floors. Its own held-out images stayed
+95-98% right with that change, while the demo's own closed accuracy fell to 71-88% (floor 90):
+the demo's tiny LLM must still answer yes/no about what the tower sees, and this probe has no LLM.
+So a change that passes here still needs demo_transfer.py before it counts."""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]
+
+import demo_transfer  # noqa: E402 -- the cross-source test images
+
+from medmoe import data, demo, medmoe  # noqa: E402
+
+MODALITIES = list(demo.MODALITIES)
+VISION = medmoe.preset_config("demo").vision
+
+
+def images(records_file):
+    """One row per distinct image of a demo split's records."""
+    labels = {}
+    for r in data.read_records(records_file):
+        labels[os.path.join(os.path.dirname(records_file), r["image"])] = MODALITIES.index(r["modality"])
+    return pixels(labels)
+
+
+def pixels(labels):
+    """{image path: modality index} -> (pixels [N, 3, S, S], modality index [N])."""
+    return torch.stack([data.load_pixels(p, VISION) for p in labels]), torch.tensor(list(labels.values()))
+
+
+class Probe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tower, self.head = medmoe.VisionTower(VISION), torch.nn.Linear(VISION.hidden_size, len(MODALITIES))
+
+    def forward(self, x):
+        return self.head(self.tower(x).mean(1))
+
+
+def train(x, y, epochs, seed, batch=16):
+    torch.manual_seed(seed)
+    probe = Probe()
+    opt = torch.optim.AdamW(probe.parameters(), 1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (len(x) // batch))
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x) - batch + 1, batch):
+            b = order[i : i + batch]
+            loss = F.cross_entropy(probe(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return probe.eval()
+
+
+def share(counts):
+    return sum(r for r, _ in counts) / sum(n for _, n in counts)
+
+
+def right(probe, x, y):
+    """[(right, of) per modality]"""
+    with torch.no_grad():
+        guess = probe(x).argmax(1)
+    return [(int(((guess == y) & (y == i)).sum()), int((y == i).sum())) for i in range(len(MODALITIES))]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", default=os.path.join(HERE, "..", "..", "shared", "data"))
+    p.add_argument("--seeds", default="0,1,2,3,4,5")
+    p.add_argument("--epochs", type=int, default=6)
+    a = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    cross = pixels({ex.image: MODALITIES.index(ex.modality) for ex in demo_transfer.test_images(a.shared)})
+    print("| seed | own held-out | cross-source | " + " | ".join(MODALITIES) + " |\n|---|---|---|" + "---|" * len(MODALITIES))
+    scores = []
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            demo.assemble(tmp, seed=seed, train_scale=demo.TRAIN_SCALE)
+            probe = train(*images(os.path.join(tmp, "train.jsonl")), a.epochs, seed)
+            own = right(probe, *images(os.path.join(tmp, "test.jsonl")))
+        per = right(probe, *cross)
+        scores.append(share(per))
+        print(f"| {seed} | {share(own):.1%} | {share(per):.1%} | " + " | ".join(f"{r}/{n}" for r, n in per) + " |", flush=True)
+    print(f"\ncross-source: mean {statistics.mean(scores):.1%}, worst {min(scores):.1%}")
+
+
+if __name__ == "__main__":
+    main()
