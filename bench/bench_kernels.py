@@ -9,9 +9,10 @@ weight from memory as decoding does (one matrix, repeated, would sit in the CPU'
 candidates are timed round-robin, --rounds rounds; the table shows the median. The ceiling is
 summing a 2 GiB tensor, measured in the same run: "of the ceiling" is GB/s read / that.
 
-The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear) plus one it does not:
-fbgemm's int8 dynamic-quantized linear, which also quantizes the activations to 8 bits. It shows
-what an int8 kernel that streams at full bandwidth reaches. Its answers are another matter:
+The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear) plus two it does not:
+the compiled one-row kernel's form on int8 weights (what inductor generates for int8 itself), and
+fbgemm's int8 dynamic-quantized linear, which also quantizes the activations to 8 bits. The last
+shows what an int8 kernel that streams at full bandwidth reaches. Its answers are another matter:
 on real SmolLM2 weights it moved the next-token logits to cosine 0.98 of fp32's and changed 18
 of 20 greedy answers (BENCHMARKS.md).
 """
@@ -36,6 +37,8 @@ def candidates(N, K, M):
     q8 = [kernels.quantize(w, 8) for w in w32]
     q4 = [kernels.quantize(w, 4, 64) for w in w32]
     one_row = torch.compile(kernels.linear, dynamic=False)  # the compiled decode step's kernel
+    # the one-row kernel's form on int8 weights: what inductor writes for int8 from PyTorch code
+    int8_row = torch.compile(lambda x, d, s: (x.unsqueeze(-2).float() * d.float()).sum(-1) * s.float(), dynamic=False)
     c = {  # name -> (bytes of one weight, the M calls)
         "fp32, F.linear (MKL)": (4, lambda: [F.linear(x32, w) for w in w32]),
         "bf16, F.linear (oneDNN)": (2, lambda: [F.linear(x16, w) for w in w16]),
@@ -44,6 +47,7 @@ def candidates(N, K, M):
         "bf16w (fp32 x), eager, upcast in 1024-row blocks": (2, lambda: [kernels.linear(x32, w) for w in w16]),
         "int8, _weight_int8pack_mm": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
         "int4 g64, _weight_int4pack_mm_for_cpu": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
+        "int8, compiled one-row kernel (not used)": (1, lambda: [int8_row(x32, *q) for q in q8]),
     }
     if "fbgemm" in torch.backends.quantized.supported_engines:
         with warnings.catch_warnings():  # quantized tensors are deprecated; measured for comparison only
