@@ -18,7 +18,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..")]
+# appended, not prepended: our top-level files (kernels.py, data.py) must not shadow installed packages
+sys.path += [os.path.join(HERE, "..")]
 
 from medmoe import contrastive as C  # noqa: E402
 

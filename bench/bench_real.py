@@ -34,7 +34,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+# appended, not prepended: our top-level files (kernels.py, data.py) must not shadow installed packages
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))
 import medmoe
 from medmoe import convert as converter
 

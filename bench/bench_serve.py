@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+# appended, not prepended: our top-level files (kernels.py, data.py) must not shadow installed packages
+sys.path += [ROOT, os.path.join(ROOT, "tests")]
 import openai  # noqa: E402
 import tiny  # noqa: E402 -- the synthetic image set the tests use
 

@@ -19,7 +19,8 @@ import tempfile
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
+# appended, not prepended: our top-level files (kernels.py, data.py) must not shadow installed packages
+sys.path += [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 import tiny  # noqa: E402 -- the synthetic image set the tests use
 
 from medmoe import train  # noqa: E402

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..")]
+# appended, not prepended: our top-level files (kernels.py, data.py) must not shadow installed packages
+sys.path += [HERE, os.path.join(HERE, "..")]
 
 import demo_transfer  # noqa: E402 -- the cross-source test images
 
