@@ -9,9 +9,10 @@ weight from memory as decoding does (one matrix, repeated, would sit in the CPU'
 candidates are timed round-robin, --rounds rounds; the table shows the median. The ceiling is
 summing a 2 GiB tensor, measured in the same run: "of the ceiling" is GB/s read / that.
 
-The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear) plus two it does not:
-the compiled one-row kernel's form on int8 weights (what inductor generates for int8 itself), and
-fbgemm's int8 dynamic-quantized linear, which also quantizes the activations to 8 bits. The last
+The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear) plus some it does not:
+the compiled one-row kernel's form on int8 weights (what inductor generates for int8 itself), the
+two packed kernels on fp32 activations (why qlinear runs them in bf16), and fbgemm's int8
+dynamic-quantized linear, which also quantizes the activations to 8 bits. The last
 shows what an int8 kernel that streams at full bandwidth reaches. Its answers are another matter:
 on real SmolLM2 weights it moved the next-token logits to cosine 0.98 of fp32's and changed 18
 of 20 greedy answers (BENCHMARKS.md).
@@ -41,6 +42,7 @@ def candidates(N, K, M):
     w16 = [w.bfloat16() for w in w32]
     q8 = [kernels.quantize(w, 8) for w in w32]
     q4 = [kernels.quantize(w, 4, 64) for w in w32]
+    q8_32, q4_32 = ([(d, s.float()) for d, s in qs] for qs in (q8, q4))
     one_row = torch.compile(kernels.linear, dynamic=False)  # the compiled decode step's kernel
     # the one-row kernel's form on int8 weights: what inductor writes for int8 from PyTorch code
     int8_row = torch.compile(lambda x, d, s: (x.unsqueeze(-2).float() * d.float()).sum(-1) * s.float(), dynamic=False)
@@ -53,6 +55,10 @@ def candidates(N, K, M):
         "int8, _weight_int8pack_mm": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
         "int4 g64, _weight_int4pack_mm_for_cpu": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
         "int8, compiled one-row kernel (not used)": (1, lambda: [int8_row(x32, *q) for q in q8]),
+        # the same two kernels with fp32 activations (and scales): why qlinear computes in bf16
+        "int8, _weight_int8pack_mm, fp32 x (not used)": (1, lambda: [torch._weight_int8pack_mm(x32, d, s) for d, s in q8_32]),
+        "int4 g64, _weight_int4pack_mm_for_cpu, fp32 x (not used)": (
+            0.5, lambda: [torch._weight_int4pack_mm_for_cpu(x32, d, 64, s) for d, s in q4_32]),
     }
     if "fbgemm" in torch.backends.quantized.supported_engines:
         with warnings.catch_warnings():  # quantized tensors are deprecated; measured for comparison only
@@ -136,7 +142,7 @@ def main():
             sync()
             samples[k].append(time.perf_counter() - t0)
     peak = big.numel() * 4 / statistics.median(samples.pop("ceiling")) / 1e9
-    base = statistics.median(samples[next(iter(cands))])  # bf16 F.linear
+    base = statistics.median(samples[next(k for k in cands if k.startswith("bf16, F.linear"))])
     where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
     print(f"# bench_kernels: one row x {args.matrices} different {N}x{K} weights, {where}, torch {torch.__version__}")
     print(f"\nmemory read ceiling (sum of a 2 GiB tensor): {peak:.1f} GB/s\n")
