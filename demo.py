@@ -559,11 +559,11 @@ def train_modality_classifier(tower, x, y, classes, seed, epochs=6, batch=16, re
 
     torch.manual_seed(seed)
     head = torch.nn.Linear(tower.cfg.hidden_size, classes)
-    region_y, region_n = regions if regions else (None, 0)
-    region_head = torch.nn.Linear(tower.cfg.hidden_size, max(region_n, 1))
+    region_y, region_head = (regions[0], torch.nn.Linear(tower.cfg.hidden_size, regions[1])) if regions else (None, None)
     tower.train()
     batch = min(batch, len(x))  # a folder of a few images (--source) still takes a step per epoch
-    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters(), *region_head.parameters()], 1e-3, weight_decay=0.0)
+    heads = [head] + ([region_head] if regions else [])
+    opt = torch.optim.AdamW([*tower.parameters(), *(p for h in heads for p in h.parameters())], 1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (len(x) // batch))
     for _ in tqdm(range(epochs), desc="stage 0 (vision)", unit="epoch", leave=False):
         order = torch.randperm(len(x))
