@@ -29,12 +29,14 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from tqdm import tqdm
 
+from medmoe import medmoe, vqa
 from medmoe import train as trainer
-from medmoe import vqa
-from medmoe.data import load_examples, load_image, pad_to_square, read_records
+from medmoe.data import load_examples, load_image, load_pixels, pad_to_square, read_records
 from medmoe.files import MedMoEError
 from medmoe.plots import heatmap
 
@@ -554,9 +556,6 @@ def train_modality_classifier(tower, x, y, classes, seed, epochs=6, batch=16, re
     """The vision tower, with a linear head on its mean patch feature, learns to name each image's modality: pixels
     x [N, 3, S, S], labels y [N] in range(classes); AdamW with a one-cycle schedule. regions = (labels [N], -1 where
     not known, count): a second head names the body region too. Returns the modality head."""
-    import torch
-    import torch.nn.functional as F
-
     torch.manual_seed(seed)
     head = torch.nn.Linear(tower.cfg.hidden_size, classes)
     region_y, region_head = (regions[0], torch.nn.Linear(tower.cfg.hidden_size, regions[1])) if regions else (None, None)
@@ -590,21 +589,17 @@ def pretrain_vision(model_dir, train_file, seed):
     96-100% and 54-63%; with zoomed-out training copies (augment) too, 95-99% and 66-72%, but the yes/no questions,
     half of them about the region, fell to 87-92%; with the region head as well, own closed 94-96%, router 96-98%,
     other sources 59-79%."""
-    import torch
-
-    from medmoe import data, medmoe
-
-    model = medmoe.load_model(model_dir)
-    records = [r for r in read_records(train_file) if r.get("modality")]
-    names = sorted({r["modality"] for r in records}, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
+    root = os.path.dirname(train_file)
+    images = {os.path.join(root, r["image"]): (r["modality"], r.get("organ")) for r in read_records(train_file) if r.get("modality")}
+    names = sorted({m for m, _ in images.values()}, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
     if len(names) < 2:
         return  # nothing to tell apart
-    labels = {os.path.join(os.path.dirname(train_file), r["image"]): names.index(r["modality"]) for r in records}
-    organs = sorted({r["organ"] for r in records if r.get("organ")})
-    organ = {os.path.join(os.path.dirname(train_file), r["image"]): organs.index(r["organ"]) if r.get("organ") else -1 for r in records}
-    x = torch.stack([data.load_pixels(p, model.cfg.vision) for p in labels])
-    regions = (torch.tensor([organ[p] for p in labels]), len(organs)) if len(organs) > 1 else None
-    train_modality_classifier(model.vision, x, torch.tensor(list(labels.values())), len(names), seed, regions=regions)
+    organs = sorted({o for _, o in images.values() if o})
+    model = medmoe.load_model(model_dir)
+    x = torch.stack([load_pixels(p, model.cfg.vision) for p in images])
+    y = torch.tensor([names.index(m) for m, _ in images.values()])
+    regions = (torch.tensor([organs.index(o) if o else -1 for _, o in images.values()]), len(organs)) if len(organs) > 1 else None
+    train_modality_classifier(model.vision, x, y, len(names), seed, regions=regions)
     medmoe.save_model(model, model_dir)
 
 

@@ -45,7 +45,7 @@ def candidates(N, K, M):
     q8_32, q4_32 = ([(d, s.float()) for d, s in qs] for qs in (q8, q4))
     one_row = torch.compile(kernels.linear, dynamic=False)  # the compiled decode step's kernel
     # the one-row kernel's form on int8 weights: what inductor writes for int8 from PyTorch code
-    int8_row = torch.compile(lambda x, d, s: (x.unsqueeze(-2).float() * d.float()).sum(-1) * s.float(), dynamic=False)
+    int8_row = torch.compile(lambda x, d, s: kernels.dot_rows(x, d) * s.float(), dynamic=False)
     c = {  # name -> (bytes of one weight, the M calls)
         "fp32, F.linear (MKL)": (4, lambda: [F.linear(x32, w) for w in w32]),
         "bf16, F.linear (oneDNN)": (2, lambda: [F.linear(x16, w) for w in w16]),
@@ -78,7 +78,7 @@ def cuda_candidates(N, K, M):
     q8 = [kernels.quantize(w.cpu(), 8) for w in w16]
     q4 = [kernels.quantize(w.cpu(), 4, 64) for w in w16]
     q8, q4 = ([tuple(t.to(dev) for t in q) for q in qs] for qs in (q8, q4))
-    fused = torch.compile(lambda x, d, s: kernels.qlinear(x, d, s), dynamic=False)  # the decode step's form
+    fused = torch.compile(kernels.qlinear, dynamic=False)  # the decode step's form
     row = torch.compile(lambda x, w: kernels.dot_rows(x, w).to(x.dtype), dynamic=False)
 
     def tinygemm(data, scales):  # repacked from our CPU layout into tinygemm's tiled one
@@ -90,7 +90,6 @@ def cuda_candidates(N, K, M):
     except RuntimeError as e:  # a GPU older than tinygemm's (sm80)
         print(f"tinygemm: {str(e).splitlines()[0]}")
         t4 = []
-    int8mm = lambda x, d, s: torch._weight_int8pack_mm(x, d, s)
     c = {
         "bf16, F.linear (cuBLAS)": (2, lambda: [F.linear(x16, w) for w in w16]),
         "bf16, compiled dot_rows": (2, lambda: [row(x16, w) for w in w16]),
@@ -98,7 +97,7 @@ def cuda_candidates(N, K, M):
         "int4 g64, compiled dot_rows over the dequantisation (used)": (0.5, lambda: [fused(x16, *q) for q in q4]),
         "int8, eager dequantise + cuBLAS (used eager)": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
         "int4 g64, eager dequantise + cuBLAS (used eager)": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
-        "int8, _weight_int8pack_mm (not used)": (1, lambda: [int8mm(x16, *q) for q in q8]),
+        "int8, _weight_int8pack_mm (not used)": (1, lambda: [torch._weight_int8pack_mm(x16, *q) for q in q8]),
     }
     if t4:
         c["int4 g64, tinygemm _weight_int4pack_mm (not used)"] = (0.5, lambda: [torch._weight_int4pack_mm(x16, d, 64, s) for d, s in t4])
