@@ -45,6 +45,24 @@ def is_right(answer, modality):
     return re.sub(r"[^a-z\- ]", "", answer.lower()).strip() in SPOKEN[modality]
 
 
+def routed_modalities(assistant, examples, batch_size=32):
+    """The modality whose expert gets the highest mean router probability, per example."""
+    names = vqa.expert_names(assistant.model)
+    return [names[int(r.probs.mean(0).argmax())] for r in vqa.route_many(assistant, examples, batch_size, progress=False)]
+
+
+def own_by_file(built):
+    """The demo's own router accuracy per held-out file: which file it misses."""
+    examples = built["test"]
+    records = data.read_records(os.path.join(os.path.dirname(os.path.dirname(examples[0].image)), "test.jsonl"))
+    per = {}
+    for r, routed in zip(records, routed_modalities(vqa.Assistant(built["model"]), examples)):
+        right = per.setdefault(r["source"], [0, 0])
+        right[0] += routed == r["modality"]
+        right[1] += 1
+    return ", ".join(f"{source} {right}/{n}" for source, (right, n) in per.items())
+
+
 def measure(model_dir, examples, batch_size=32):
     """Answer and router accuracy, overall and per modality."""
     a = vqa.Assistant(model_dir)
@@ -52,9 +70,7 @@ def measure(model_dir, examples, batch_size=32):
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         answers += a.answer_batch(a.pixels(*[ex.image for ex in chunk]), [QUESTION] * len(chunk), max_new_tokens=8)
-    routing = vqa.route_many(a, examples, batch_size, progress=False)
-    names = vqa.expert_names(a.model)
-    routed = [names[int(r.probs.mean(0).argmax())] for r in routing]
+    routed = routed_modalities(a, examples, batch_size)
     per, confusion = {}, {}
     for ex, answer, expert in zip(examples, answers, routed):
         said = confusion.setdefault(ex.modality, {})
@@ -85,10 +101,13 @@ def main():
             built = None if a.model else demo.run(tmp, seed=seed, log=lambda *m: None)
             seconds = time.time() - start
             r = measure(a.model or built["model"], examples)
+            files = own_by_file(built) if built else None
         own = f"{built['scores']['closed']['accuracy']:.1f}, {built['routing']['router_accuracy']:.1%}" if built else "-"
         cells = " | ".join(f"{v[0]}/{v[2]} answer, {v[1]}/{v[2]} router" for v in (r["per"][m] for m in SPOKEN))
         print(f"| {'-' if seed is None else seed} | {seconds:.0f} | {own} | {r['answer']:.1%} | {r['router']:.1%} | {cells} |",
               flush=True)
+        if files:
+            print(f"  own held-out, router right per file: {files}", file=sys.stderr)
         for m, said in r["confusion"].items():  # what it calls each modality's images
             print(f"  {m} images answered: " + ", ".join(f"{k!r} {v}" for k, v in sorted(said.items(), key=lambda kv: -kv[1])),
                   file=sys.stderr)
