@@ -64,7 +64,7 @@ class Source:
     """One packaged image file and how to cut it into demo images. The split is by file (issue 15): a held-out
     file gives only test images, as they are; every other file only training images.
     cut="slices": each slice (frame) in `use` is one image. Training: every slice once as it is, then augmented
-    copies of random slices up to n images. Held out: n slices evenly spaced through `use` (0: all of them).
+    copies of random slices up to n images. Held out: n slices evenly spaced through `use`.
     cut="crops": a 2-D image, cut inside `field` into crops whose side is `scale` of the field's short side.
     Both splits: the whole field once, as a user would bring it, then n - 1 crops (augmented to train on)."""
 
@@ -74,7 +74,7 @@ class Source:
     modality: str
     region: str | None  # the body region / organ, as the answer says it; None: not known, so not asked
     cut: str
-    n: int = 0
+    n: int
     held_out: bool = False
     use: tuple | None = None  # slices: (first, stop) of the slices with anatomy in them
     field: tuple = (0.0, 0.0, 1.0, 1.0)  # fractions of the frame: the part with anatomy in it (no table, no collimator)
@@ -313,8 +313,7 @@ def cut_slices(src, frames, rng, size):
     """Whole slices (see Source)."""
     slices = range(*(src.use or (0, len(frames))))
     if src.held_out:
-        n = src.n or len(slices)
-        return {"test": [plain(frames[z], z, size) for z in (slices[i * len(slices) // n] for i in range(n))], "train": []}
+        return {"test": [plain(frames[z], z, size) for z in (slices[i * len(slices) // src.n] for i in range(src.n))], "train": []}
     out = [plain(frames[z], z, size) for z in slices[: src.n]]
     while len(out) < src.n:
         z = rng.choice(slices)
@@ -339,7 +338,7 @@ def cut_crops(src, frames, rng, size):
 
 def plain(frame, z, size, box=None):
     """An image as it is: (image, frame, box in frame pixels, augmented?)"""
-    return fit(frame if box is None else frame.crop(box), size), z, tuple(box or (0, 0, *frame.size)), False
+    return fit(frame if box is None else frame.crop(box), size), z, box or (0, 0, *frame.size), False
 
 
 def fit(img, size):

@@ -53,10 +53,9 @@ def routed_modalities(assistant, examples, batch_size=32):
 
 def own_by_file(built):
     """The demo's own router accuracy per held-out file: which file it misses."""
-    examples = built["test"]
-    records = data.read_records(os.path.join(os.path.dirname(os.path.dirname(examples[0].image)), "test.jsonl"))
+    records = data.read_records(os.path.join(built["data"]["out_dir"], "test.jsonl"))  # the records of built["test"], in order
     per = {}
-    for r, routed in zip(records, routed_modalities(vqa.Assistant(built["model"]), examples)):
+    for r, routed in zip(records, routed_modalities(vqa.Assistant(built["model"]), built["test"])):
         right = per.setdefault(r["source"], [0, 0])
         right[0] += routed == r["modality"]
         right[1] += 1
