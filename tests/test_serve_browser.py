@@ -20,10 +20,12 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 
 # every text the answer bubble is given, in order (each streamed piece replaces its text node)
+# r.target, not the added node's parent: when one network read carries several deltas, the observer runs once for
+# all of them, and by then every text node but the last has been replaced (detached: no parent)
 RECORD_ANSWER_TEXTS = """
 window.answerTexts = [];
 new MutationObserver((records) => records.forEach((r) => r.addedNodes.forEach((n) => {
-  if (n.nodeType === Node.TEXT_NODE && n.parentElement.closest('.assistant')) window.answerTexts.push(n.data);
+  if (n.nodeType === Node.TEXT_NODE && r.target.closest('.assistant')) window.answerTexts.push(n.data);
 }))).observe(document.getElementById('log'), {childList: true, subtree: true});
 """
 
