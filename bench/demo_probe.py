@@ -1,13 +1,14 @@
 """A fast, rough screen for issue 15's demo data: does a change to demo.py's images help the
 vision tower tell real scans apart? Seconds per seed, where bench/demo_transfer.py takes minutes.
 
-    python bench/demo_probe.py [--seeds 0,1,2,3,4,5] [--shared ../shared/data]
+    python bench/demo_probe.py [--seeds 0,1,2,3,4,5] [--shared ../shared/data] [--per-file]
 
 For each seed: the demo's images, exactly as `medmoe demo` assembles them, then the demo preset's
 vision tower alone, trained from scratch with a linear head on its mean patch feature to name each
 training image's modality: the demo's own stage 0 (demo.train_modality_classifier). Printed: that classifier's
-accuracy on the demo's own held-out images and on the modality-labelled test images of VQA-RAD
-and PathVQA (demo_transfer.py's set), per modality, and the mean and worst over the seeds.
+accuracy on the demo's own held-out images (with --per-file, per held-out file too) and on the
+modality-labelled test images of VQA-RAD and PathVQA (demo_transfer.py's set), per modality, and
+the mean and worst over the seeds.
 
 What it is good for, measured 2026-11-29 against demo_transfer.py: it moved the way the full
 demo's cross-source answers moved. With training copies zoomed out onto a letterboxed canvas
@@ -45,11 +46,12 @@ VISION = medmoe.preset_config("demo").vision
 
 
 def images(records_file):
-    """One row per distinct image of a demo split's records."""
-    labels = {}
+    """One row per distinct image of a demo split's records -> (pixels, modality index, source file per row)."""
+    labels, sources = {}, {}
     for r in data.read_records(records_file):
-        labels[os.path.join(os.path.dirname(records_file), r["image"])] = MODALITIES.index(r["modality"])
-    return pixels(labels)
+        path = os.path.join(os.path.dirname(records_file), r["image"])
+        labels[path], sources[path] = MODALITIES.index(r["modality"]), r["source"]
+    return (*pixels(labels), list(sources.values()))
 
 
 def pixels(labels):
@@ -74,11 +76,13 @@ def share(counts):
     return sum(r for r, _ in counts) / sum(n for _, n in counts)
 
 
-def right(probe, x, y):
-    """[(right, of) per modality]"""
+def right(probe, x, y, sources=None):
+    """[(right, of) per modality], or with `sources` (one per row) {source: (right, of)}"""
     with torch.no_grad():
-        guess = probe(x).argmax(1)
-    return [(int(((guess == y) & (y == i)).sum()), int((y == i).sum())) for i in range(len(MODALITIES))]
+        hit = probe(x).argmax(1) == y
+    if sources is not None:
+        return {s: (sum(int(h) for h, t in zip(hit, sources) if t == s), sources.count(s)) for s in dict.fromkeys(sources)}
+    return [(int((hit & (y == i)).sum()), int((y == i).sum())) for i in range(len(MODALITIES))]
 
 
 def main():
@@ -86,22 +90,28 @@ def main():
     p.add_argument("--shared", default=os.path.join(HERE, "..", "..", "shared", "data"))
     p.add_argument("--seeds", default="0,1,2,3,4,5")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--per-file", action="store_true", help="Also print the own held-out images right per held-out file.")
     a = p.parse_args()
     # two threads, as measured above: this training is chaotic enough that another thread count's
     # rounding gives other numbers for the same seed
     torch.set_num_threads(min(2, torch.get_num_threads()))
     cross = pixels({ex.image: MODALITIES.index(ex.modality) for ex in demo_transfer.test_images(a.shared)})
-    print("| seed | own held-out | cross-source | " + " | ".join(MODALITIES) + " |\n|---|---|---|" + "---|" * len(MODALITIES))
-    scores = []
+    files = [s.file for s in demo.SOURCES if s.held_out] if a.per_file else []
+    print("| seed | own held-out | cross-source | " + " | ".join(MODALITIES + files) + " |\n|---|---|---|"
+          + "---|" * (len(MODALITIES) + len(files)))
+    own_scores, scores = [], []
     for seed in [int(s) for s in a.seeds.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             demo.assemble(tmp, seed=seed, train_scale=demo.TRAIN_SCALE)
-            probe = Probe(*images(os.path.join(tmp, "train.jsonl")), a.epochs, seed)
-            own = right(probe, *images(os.path.join(tmp, "test.jsonl")))
+            probe = Probe(*images(os.path.join(tmp, "train.jsonl"))[:2], a.epochs, seed)
+            by_file = right(probe, *images(os.path.join(tmp, "test.jsonl")))
         per = right(probe, *cross)
+        own_scores.append(share(by_file.values()))
         scores.append(share(per))
-        print(f"| {seed} | {share(own):.1%} | {share(per):.1%} | " + " | ".join(f"{r}/{n}" for r, n in per) + " |", flush=True)
-    print(f"\ncross-source: mean {statistics.mean(scores):.1%}, worst {min(scores):.1%}")
+        cells = [f"{r}/{n}" for r, n in per] + [f"{by_file[f][0]}/{by_file[f][1]}" for f in files]
+        print(f"| {seed} | {own_scores[-1]:.1%} | {scores[-1]:.1%} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\nown held-out: mean {statistics.mean(own_scores):.1%}, worst {min(own_scores):.1%}")
+    print(f"cross-source: mean {statistics.mean(scores):.1%}, worst {min(scores):.1%}")
 
 
 if __name__ == "__main__":

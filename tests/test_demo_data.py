@@ -235,3 +235,11 @@ def test_source_folder_needs_both_splits(tmp_path):
     write_jsonl(tmp_path / "src" / "train.jsonl", [])
     with pytest.raises(MedMoEError, match=r"test\.jsonl"):
         demo.assemble(str(tmp_path / "out"), source=str(tmp_path / "src"))
+
+
+def test_install_lines_name_every_data_package():
+    """README's demo command and the Makefile install what demo.NO_DEPS reads (a package left off fails the demo)."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for name in ("README.md", "Makefile"):
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            assert demo.INSTALL_NO_DEPS.replace("pip install", "") in f.read(), name
