@@ -6,8 +6,8 @@ vision tower tell real scans apart? Seconds per seed, where bench/demo_transfer.
 For each seed: the demo's images, exactly as `medmoe demo` assembles them, then the demo preset's
 vision tower alone, trained from scratch with a linear head to name each training image's modality
 (from the mean patch feature and from every patch): the demo's own stage 0 (demo.train_modality_classifier),
-without its region head. Printed: that classifier's (reading the mean patch feature)
-accuracy on the demo's own held-out images (with --per-file, per held-out file too) and on the
+without its region head. Printed: that classifier's accuracy, from the mean patch feature, on the
+demo's own held-out images (with --per-file, per held-out file too) and on the
 modality-labelled test images of VQA-RAD and PathVQA (demo_transfer.py's set), per modality, and
 the mean and worst over the seeds.
 
