@@ -657,8 +657,8 @@ def pretrain_vision(model_dir, train_file, seed):
     96-100% and 54-63%; with zoomed-out training copies (augment) too, 95-99% and 66-72%, but the yes/no questions,
     half of them about the region, fell to 87-92%; with the region head as well, own closed 94-96%, router 96-98%,
     other sources 59-79%. Since 2026-12-06 the modality head also reads every patch alone (train_modality_classifier):
-    on seed 0 the own router 95.2% against 88.7% from the mean alone (the same images), over seeds 0-4 83-95%, other
-    sources 76-87% (README, "The demo")."""
+    on seeds 0-2 the own router 95.2 / 83.3 / 95.2% against 88.7 / 81.0 / 76.2% from the mean alone (the same images),
+    over seeds 0-4 83-95%, other sources 76-87% (README, "The demo")."""
     root = os.path.dirname(train_file)
     images = {os.path.join(root, r["image"]): (r["modality"], r.get("organ")) for r in read_records(train_file) if r.get("modality")}
     names = sorted({m for m, _ in images.values()}, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
