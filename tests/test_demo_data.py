@@ -202,7 +202,8 @@ def test_radiographs_sum_attenuation_along_rays():
     ct = np.full((40, 30, 20), -1000.0, np.float32)  # x 40, y 30, z 20 slices of air
     for x in range(10, 30):
         ct[x, : x - 9, 10:] = 0.0  # water, x - 9 voxels thick front to back, in the upper half (z up)
-    assert len(demo.radiographs(ct, (1.0, 1.0, 2.0))) == 9  # by default seven frontal angles and two lateral
+    default = demo.radiographs(ct, (1.0, 1.0, 2.0))
+    assert len(default) == 9  # by default seven frontal angles and two lateral
     views = demo.radiographs(ct, (1.0, 1.0, 2.0), angles=(0,), lateral=(0,))
     front, side = views  # unturned, so each ray's sum can be counted by hand
     assert front.shape == (40, 40) and side.shape == (40, 30)  # 20 slices 2 mm apart: 40 rows of 1 mm, superior up
@@ -210,7 +211,7 @@ def test_radiographs_sum_attenuation_along_rays():
     assert front[5, 10:30] == pytest.approx(np.arange(1, 21))  # water 1 per voxel: the thickness, column by column
     assert (front[5, :10] == 0).all() and (front[5, 30:] == 0).all()
     assert side[5, :20] == pytest.approx(np.arange(20, 0, -1)) and (side[5, 20:] == 0).all()  # at y, water where x > y + 9
-    films = demo.films(demo.radiographs(ct, (1.0, 1.0, 2.0)))
+    films = demo.films(default)
     assert all(f.mode == "L" and np.asarray(f).min() == 0 and np.asarray(f).max() == 255 for f in films)  # each its own stretch
 
 
