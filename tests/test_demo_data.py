@@ -321,3 +321,18 @@ def test_stage0_learns_each_distinct_image_once_with_its_modality_and_region(tmp
     with open(tmp_path / "one.jsonl", "w") as f:
         f.write(json.dumps({"image": "a.png", "question": "q", "answer": "a", "modality": "mri", "organ": "head"}) + "\n")
     assert demo.stage0_data(str(tmp_path / "one.jsonl"), vision) is None
+
+
+def test_has_content_finds_the_patches_that_vary_in_the_towers_order():
+    """demo.has_content on a 2 x 2 grid of 8 px patches worked out by hand: flat, a checkerboard (std 1), a faint ramp
+    (std about 0.046, under the 0.1 threshold) and a black / white step (std 1), in row-major order as the patch
+    embedding flattens them."""
+    import torch
+
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., :8, 8:] = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2 - 1  # row 0, col 1: -1 / +1
+    x[..., 8:, :8] = torch.linspace(0, 0.14, 8)[None, :]  # row 1, col 0: a ramp of 0.14 over the patch
+    x[..., 8:, 12:] = 1.0  # row 1, col 1: half 0, half 1
+    x[..., 8:, 8:12] = -1.0
+    assert demo.has_content(x, 8).tolist() == [[False, True, False, True]]
+    assert demo.has_content(x, 8, threshold=0.04).tolist() == [[False, True, True, True]]
