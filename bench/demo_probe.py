@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 import tempfile
+from collections import Counter
 
 import torch
 
@@ -87,10 +88,6 @@ def readings(tower, head, x):
         return head(patches.mean(1)).softmax(-1), head(patches).softmax(-1).mean(1)
 
 
-def share(counts):
-    return sum(r for r, _ in counts) / sum(n for _, n in counts)
-
-
 def per_modality(hit, y):
     """[(right, of) per modality]"""
     return [(int((hit & (y == i)).sum()), int((y == i).sum())) for i in range(len(MODALITIES))]
@@ -112,9 +109,8 @@ def called(pred, groups):
     """{group: {modality: count}}: what each group's images are called."""
     out = {}
     for p, g in zip(pred.tolist(), groups):
-        out.setdefault(g, {}).setdefault(MODALITIES[p], 0)
-        out[g][MODALITIES[p]] += 1
-    return out
+        out.setdefault(g, Counter())[MODALITIES[p]] += 1
+    return {g: dict(c) for g, c in out.items()}
 
 
 def main():
@@ -143,19 +139,19 @@ def main():
         cross_hit = [r.argmax(1) == cy for r in cross]
         by_file = per_file(own_hit[1], sources)
         per = per_modality(cross_hit[1], cy)
-        rows.append([float(h.float().mean()) for h in own_hit + cross_hit] + [ct_mri_auc(own[1], y), ct_mri_auc(cross[1], cy)])
-        r = rows[-1]
+        r = {"own": [float(h.float().mean()) for h in own_hit], "cross": [float(h.float().mean()) for h in cross_hit],
+             "auc": {"own": ct_mri_auc(own[1], y), "cross": ct_mri_auc(cross[1], cy)}}
+        rows.append(r)
         cells = [f"{right}/{n}" for right, n in per] + [f"{by_file[f][0]}/{by_file[f][1]}" for f in files]
-        print(f"| {seed} | {r[0]:.1%}, {r[1]:.1%} | {r[2]:.1%}, {r[3]:.1%} | {r[4]:.3f}, {r[5]:.3f} | " + " | ".join(cells) + " |",
-              flush=True)
+        print(f"| {seed} | {r['own'][0]:.1%}, {r['own'][1]:.1%} | {r['cross'][0]:.1%}, {r['cross'][1]:.1%} | "
+              f"{r['auc']['own']:.3f}, {r['auc']['cross']:.3f} | " + " | ".join(cells) + " |", flush=True)
         if a.confusion:
             print(f"  own held-out, called: {called(own[1].argmax(1), sources)}", file=sys.stderr)
             print(f"  cross-source, called: {called(cross[1].argmax(1), [MODALITIES[i] for i in cy.tolist()])}", file=sys.stderr)
-    for name, k in (("own held-out", 0), ("cross-source", 2)):
-        print(f"\n{name}: mean feature {statistics.mean(r[k] for r in rows):.1%} (worst {min(r[k] for r in rows):.1%}), "
-              f"patches {statistics.mean(r[k + 1] for r in rows):.1%} (worst {min(r[k + 1] for r in rows):.1%}), "
-              f"CT-MRI AUC {statistics.mean(r[4 + k // 2] for r in rows):.3f}", end="")
-    print()
+    for name, key in (("own held-out", "own"), ("cross-source", "cross")):
+        mean, patch = ([r[key][i] for r in rows] for i in (0, 1))
+        print(f"\n{name}: mean feature {statistics.mean(mean):.1%} (worst {min(mean):.1%}), patches {statistics.mean(patch):.1%} "
+              f"(worst {min(patch):.1%}), CT-MRI AUC {statistics.mean(r['auc'][key] for r in rows):.3f}")
 
 
 if __name__ == "__main__":
