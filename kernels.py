@@ -412,20 +412,22 @@ NARROW_CHUNKED_MAX_ROWS = 16
 def linear(x, w, b=None):
     """F.linear for a float weight or a quantized (data, scales) pair. A float weight may be stored
     narrower than x (weight-only bf16, medmoe.load_model's matrix_dtype): it is upcast as it is
-    read, so every product is in x's dtype. One bf16/fp16 row on CPU under torch.compile (a decode
-    step) is written as a row-wise dot product instead: inductor makes it one vectorised kernel
-    that reads each weight once and accumulates in fp32. bf16w needs it: eager, upcasting each
-    matrix in blocks, decoding was 3.4x slower at the StableLM shape. For plain bf16, on one
-    matrix oneDNN's one-row product read 12 GB/s against this kernel's 23 one day, 17-20 against
-    12-16 another (bench/bench_kernels.py, 2 threads). On whole models, compiled, round-robin: bf16
-    SmolLM2 decoded 45.7 tok/s with this kernel against 30.2 through oneDNN; the StableLM shape
-    4.23 against 4.45. Small models gain the most, so it stays."""
+    read, so every product is in x's dtype. One row on CPU under torch.compile (a decode step) is
+    written as a row-wise dot product instead: inductor makes it one vectorised kernel that reads
+    each weight once and accumulates in fp32. bf16w needs it: eager, upcasting each matrix in
+    blocks, decoding was 3.4x slower at the StableLM shape. For plain bf16, on one matrix oneDNN's
+    one-row product read 12 GB/s against this kernel's 23 one day, 17-20 against 12-16 another
+    (bench/bench_kernels.py, 2 threads). On whole models, compiled, round-robin: bf16 SmolLM2
+    decoded 45.7 tok/s with this kernel against 30.2 through oneDNN; the StableLM shape 4.23
+    against 4.45. In fp32, MKL's one-row product read 10.7 / 15.6 GB/s against this kernel's
+    20.6 / 25.4 (SmolLM2's 1536x576 and StableLM's 5632x2048, AMD EPYC, 2026-12-06), and fp32
+    SmolLM2 decoded 39.4 tok/s against 18.3 (BENCHMARKS.md)."""
     if isinstance(w, tuple):
         return qlinear(x, *w, b)
     # guard_or_false: a row count known only at run time (one expert's tokens) takes the general path
     rows = x.shape[:-1].numel()
     one_row = guard_or_false(rows == 1)
-    if w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
+    if x.device.type == "cpu" and one_row and torch.compiler.is_compiling():
         y = dot_rows(x, w)
         return (y if b is None else y + b.float()).to(x.dtype)
     if w.dtype != x.dtype and guard_or_false(rows <= NARROW_CHUNKED_MAX_ROWS):

@@ -39,3 +39,26 @@ def test_compiled_decoding_matches_eager_with_one_graph():
         eager = model.generate(prompts, max_new_tokens=12, stop_ids=[])
         assert model.generate(prompts, max_new_tokens=12, stop_ids=[], compile=True) == eager
     assert graphs() - before == 1
+
+
+def test_one_row_attention_equals_sdpa_with_grouped_heads_and_padding():
+    """The compiled CPU decode step's attention (one query row) against SDPA itself, eager and compiled."""
+    torch.manual_seed(0)
+    compiled = torch.compile(M.one_row_attention, fullgraph=True)
+    for heads, kv_heads in ((4, 4), (6, 2)):
+        q, k, v = torch.randn(2, heads, 1, 16), torch.randn(2, kv_heads, 40, 16), torch.randn(2, kv_heads, 40, 16)
+        mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+        mask[0, ..., :7] = True  # a short row: most of the cache not yet written
+        mask[1, ..., 3:30] = True  # a left-padded row
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+        for fn in (M.one_row_attention, compiled):
+            assert torch.allclose(fn(q, k, v, mask), want, atol=1e-5)
+
+
+def test_compiled_batched_decoding_with_grouped_heads_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = M.MedMoE(M.Config(llm=M.LLMConfig(**{**LLM, "num_heads": 4, "num_kv_heads": 2}))).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]  # left-padded together
+    eager = model.generate(prompts, max_new_tokens=12, stop_ids=[])
+    assert model.generate(prompts, max_new_tokens=12, stop_ids=[], compile=True) == eager
