@@ -118,7 +118,8 @@ def _moe_gather(x, idx, weight, weights, act):
         return _moe_gather_eager(x, flat.tolist(), weight, weights, act)
 
     def linear(a, w, b):
-        if a.is_cuda:  # one fused reduction per projection (dot_rows), the gather and any dequantisation in its loads
+        # one reduction per projection (dot_rows), the gather and any dequantisation in its loads
+        if a.is_cuda or (isinstance(w, tuple) and fused_dequantize(a, w[0])):
             y = dot_rows(a, dequantize(*(t[flat] for t in w)) if isinstance(w, tuple) else w[flat]).to(a.dtype)
         elif isinstance(w, tuple):  # quantized: no bmm over int weights; one opaque op per projection
             y = _expert_qmm(a, *w, flat)
@@ -259,9 +260,9 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #   int8  data int8  [..., N, K], scales [..., N]: w = data * scale, per output channel (symmetric)
 #   int4  data uint8 [..., N, K/2] in the layout torch._weight_int4pack_mm_for_cpu reads, scales
 #         [..., K/g, N, 2] = (scale, zero) per group of g inputs: w = (q - 8) * scale + zero
-# Scales are kept in bf16, the dtype the packed CPU kernels are fast in. Decoding (a few rows) uses
-# the kernels PyTorch ships; more rows (prefill, the vision tower) dequantise once per call and run
-# the float GEMM. Measured on the 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms; it
+# Scales are kept in bf16, the dtype the packed CPU kernels are fast in. Eager decoding (a few rows)
+# uses the kernels PyTorch ships (a compiled step: fused_dequantize); more rows (prefill, the vision
+# tower) dequantise once per call and run the float GEMM. Measured on the 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms; it
 # stays in the 480 MiB L3: streamed from memory, int8/int4 decode read 10-11 GB/s against bf16's
 # 14, so the gaps below shrink to 1.5x/2.3x on a whole model, BENCHMARKS.md):
 #   rows M                                           1      8      64
@@ -368,10 +369,10 @@ def group_size(data, scales):
 
 
 def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] @ w.T (+ bias) for a quantized w. The packed kernels serve the few rows of
-    decoding on CPU (in bf16, where they are fast, whatever x's dtype); other cases dequantise,
-    except a compiled CUDA decode step, which runs dot_rows over the dequantisation (one fused
-    kernel). On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4)
+    """x [..., K] @ w.T (+ bias) for a quantized w. A compiled decode step runs dot_rows over the
+    dequantisation where fused_dequantize says so (one fused kernel); otherwise the packed kernels
+    serve the few rows of decoding on CPU (in bf16, where they are fast, whatever x's dtype), and
+    other cases dequantise. On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4)
     that read int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU
     int8 and int4 save memory, not time. PyTorch's own CUDA kernels were measured too:
     _weight_int8pack_mm read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead
@@ -379,15 +380,15 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
     call (not the gathered experts), so it is not wired in yet."""
     x2 = x.reshape(-1, x.shape[-1])
     int8 = data.dtype == torch.int8
-    if x.device.type == "cpu" and x2.shape[0] <= (INT8_PACKED_MAX_ROWS if int8 else INT4_PACKED_MAX_ROWS):
+    if torch.compiler.is_compiling() and fused_dequantize(x2, data):
+        y = dot_rows(x2, dequantize(data, scales)).to(x.dtype)
+    elif x.device.type == "cpu" and x2.shape[0] <= (INT8_PACKED_MAX_ROWS if int8 else INT4_PACKED_MAX_ROWS):
         xs = x2.to(scales.dtype).contiguous()
         if int8:
             y = torch._weight_int8pack_mm(xs, data, scales)
         else:
             y = torch._weight_int4pack_mm_for_cpu(xs, data, group_size(data, scales), scales)
         y = y.to(x.dtype)
-    elif x.is_cuda and torch.compiler.is_compiling() and guard_or_false(x2.shape[0] <= FUSED_MAX_ROWS):
-        y = dot_rows(x2, dequantize(data, scales)).to(x.dtype)
     else:
         y = F.linear(x2, dequantize(data, scales, x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
@@ -395,6 +396,20 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
 
 
 FUSED_MAX_ROWS = 16  # rows of x that a compiled CUDA decode step runs through dot_rows (dequantised in its loads)
+
+
+def fused_dequantize(x: Tensor, data: Tensor) -> bool:
+    """Whether a compiled decode step runs rows x [R, K] through quantized weights as dot_rows over
+    their dequantisation (one reduction whose loads read the integers and scales as it sums) rather
+    than a packed kernel: on CUDA up to FUSED_MAX_ROWS rows; on a CPU one row through int8 weights.
+    Over 24 different 5632x2048 int8 matrices (2 threads, AMD EPYC, 2026-12-07) that read 21.0 GB/s
+    with bf16 x and 26.1 with fp32 x (x's conversion otherwise sits in every row's loop), against
+    _weight_int8pack_mm's 15.1; the StableLM-shape int8 model decoded 8.4-8.6 tok/s so, compiled,
+    against 7.4-7.7 eager through the packed kernel (BENCHMARKS.md). int4 stays packed on a CPU:
+    inductor does not vectorise the packed layout's strided nibbles (0.3-0.8 GB/s)."""
+    if x.is_cuda:
+        return guard_or_false(x.shape[0] <= FUSED_MAX_ROWS)
+    return data.dtype == torch.int8 and guard_or_false(x.shape[0] == 1)
 
 
 def dot_rows(x: Tensor, w: Tensor) -> Tensor:

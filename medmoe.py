@@ -841,12 +841,21 @@ def count_params(model: MedMoE):
     """Total and per-token activated parameters. A token runs top_k of the E experts in an MoE
     layer *plus* the meta expert, so the meta expert counts as activated; top-1 + meta thus
     activates what top-2 does (the paper's 3.6B Phi-2 / 2.0B StableLM count the LLM so)."""
-    n = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
+    n = lambda m: count_weights(m) if m is not None else 0
     llm_active = n(model.llm)
     for layer in model.llm.moe_layers():
         llm_active -= n(layer.experts) // layer.moe.num_experts * (layer.moe.num_experts - layer.moe.top_k)
     return {"vision": n(model.vision), "projector": n(model.projector), "llm": n(model.llm),
             "llm_active": llm_active, "total": n(model)}
+
+
+def count_weights(m: nn.Module):
+    """Parameters, a quantized matrix counted as the weights it stands for: its integers (two int4
+    weights a byte) and bias are buffers, beside their scales."""
+    quantized = sum(t.numel() * (2 if t.dtype == torch.uint8 else 1) for mod in m.modules()
+                    for name, t in mod.named_buffers(recurse=False)
+                    if (isinstance(mod, QuantLinear) and name != "scales") or hasattr(mod, f"{name}_scales"))
+    return sum(p.numel() for p in m.parameters()) + quantized
 
 
 # ----------------------------------------------------------------------------- weights: read, save, load

@@ -22,7 +22,8 @@ loaded onto the GPU), with the GPU's peak memory, its bandwidth (summing a 2 GiB
 transformers on the GPU; part 2 is skipped.
 
 bf16w (either part): bf16 matrices under fp32 activations (medmoe.load_model's matrix_dtype), read
-from the bf16 checkpoint (part 1) or the fp32 one (part 2).
+from the bf16 checkpoint (part 1) or the fp32 one (part 2). int8-fp32 / int4-fp32 (part 1): the int8 / int4
+checkpoint under fp32 activations (`--dtype fp32`), where a compiled step's int8 products read fp32 rows.
 
 Prints markdown tables (copy them into BENCHMARKS.md)."""
 
@@ -116,7 +117,9 @@ def convert(src, out, dtype):
 
 
 # how each row loads its checkpoint: bf16w reads the bf16 one as bf16 matrices under fp32 activations
-LOAD = {"bf16w": {"dtype": torch.float32, "matrix_dtype": torch.bfloat16}}
+# and int8-fp32 / int4-fp32 read the int8 / int4 one under fp32 activations (`--dtype fp32`)
+LOAD = {"bf16w": {"dtype": torch.float32, "matrix_dtype": torch.bfloat16},
+        "int8-fp32": {"dtype": torch.float32}, "int4-fp32": {"dtype": torch.float32}}
 
 
 def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
@@ -304,26 +307,27 @@ def shape_table(shape, dtypes, args, bandwidth, work):
           "| first token | decode eager | decode compiled | GB read / token | bandwidth limit | compiled / limit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
-    for dtype in dtypes:
-        ckpt = bf16 if dtype in ("bf16", "bf16w") else os.path.join(work, f"{shape}-{dtype}")
+    for i, dtype in enumerate(dtypes):
+        stored = dtype.removesuffix("-fp32")
+        ckpt = bf16 if stored in ("bf16", "bf16w") else os.path.join(work, f"{shape}-{stored}")
         fp32_size = 2 * os.path.getsize(os.path.join(bf16, "model.safetensors"))
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         if dtype == "fp32" and fp32_size > 0.8 * memory:
             print(f"| fp32 | does not fit: {fp32_size / GiB:.1f} GiB on a {memory / GiB:.0f} GiB machine | | | | | | | | | | |")
             continue
-        conv = worker("convert", bf16, ckpt, dtype) if ckpt != bf16 else None
+        conv = worker("convert", bf16, ckpt, stored) if not os.path.exists(ckpt) else None
         r = rows[dtype] = worker("measure", ckpt, args.threads, args.new_tokens, bandwidth * 1e9, dtype, args.device)
-        conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)"
+        conv_txt = f"{conv['seconds']:.0f} s ({conv['peak_rss'] / GiB:.2f} GiB)" if conv else "(built)" if ckpt == bf16 else f"({stored}'s)"
         print(f"| {dtype} | {r['size'] / GiB:.2f} GiB | {conv_txt} | {r['peak_eager'] / GiB:.2f} / {r['peak_rss'] / GiB:.2f} GiB "
               f"| {r['load']:.1f} s | {r['vision']:.2f} s | {r['ttft']:.2f} s | {r['eager']:.2f} tok/s | {r['compiled']:.2f} tok/s "
               f"| {r['decode_gb']:.2f} | {r['limit']:.2f} tok/s | {r['compiled'] / r['limit']:.0%} |", flush=True)
-        if ckpt != bf16 and dtype != "fp32":
+        if ckpt != bf16 and stored != "fp32" and all(d.removesuffix("-fp32") != stored for d in dtypes[i + 1 :]):
             medmoe_dir_cleanup(ckpt)
     hf = worker("hf", shape, args.threads, args.new_tokens, args.device)
     print(f"| transformers dense {shape}, bf16, text only | | | {hf['peak_rss'] / GiB:.2f} GiB | | | {hf['ttft']:.1f} s "
           f"| {hf['eager']:.2f} tok/s | | | | |")
     if "bf16" in rows:
-        for q in ("int8", "int4"):
+        for q in ("int8", "int8-fp32", "int4", "int4-fp32"):
             if q in rows:
                 print(f"\n{q} / bf16 decode: eager {rows[q]['eager'] / rows['bf16']['eager']:.2f}x, "
                       f"compiled {rows[q]['compiled'] / rows['bf16']['compiled']:.2f}x")

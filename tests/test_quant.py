@@ -91,6 +91,17 @@ def test_qlinear_equals_float_linear_on_dequantized_weights(bits, rows, dtype):
     assert rel_err(got, want) < BF16_TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_one_row_int8_qlinear_sums_the_dequantized_weights(dtype):
+    torch._dynamo.reset()
+    data, scales = kernels.quantize(torch.randn(96, 128), 8)
+    bias, x = torch.randn(96).to(dtype), torch.randn(1, 1, 128).to(dtype)
+    got = torch.compile(kernels.qlinear, fullgraph=True, dynamic=False)(x, data, scales, bias)
+    want = F.linear(x.double(), kernels.dequantize(data, scales).double(), bias.double())
+    assert got.dtype == dtype and got.shape == (1, 1, 96)
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_TOL)  # fp32 sums, not the bf16 packed kernel
+
+
 E, H, FF = 4, 64, 96
 
 
@@ -184,8 +195,13 @@ def test_quantized_model_equals_its_dequantized_twin_and_stays_near_float(bits):
     ids = torch.randint(2, 256, (2, 20))
     with torch.no_grad():
         want_float = model.llm(model.llm.embed(ids))
+        counts = M.count_params(model)
         qmodel = M.quantize(model, M.QuantConfig(bits=bits, group_size=32))
         assert qmodel.cfg.llm.tie_embeddings is False
+        # the same weights, plus the LM head that was tied to the embedding (medmoe info's numbers)
+        head = LLM["vocab_size"] * LLM["hidden_size"]
+        assert M.count_params(qmodel) == {**counts, "llm": counts["llm"] + head, "llm_active": counts["llm_active"] + head,
+                                          "total": counts["total"] + head}
         assert isinstance(qmodel.llm.lm_head, M.QuantLinear) and isinstance(qmodel.llm.layers[0].ffn.router, torch.nn.Linear)
         assert qmodel.llm.lm_head.weight.dtype == torch.int8  # an int4 model keeps an int8 LM head
         assert qmodel.llm.layers[0].ffn.router.weight.dtype == torch.float32
@@ -197,13 +213,17 @@ def test_quantized_model_equals_its_dequantized_twin_and_stays_near_float(bits):
         assert cos.min() > (0.999 if bits == 8 else 0.95)
 
 
-def test_compiled_quantized_decoding_is_one_graph_and_matches_eager():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_quantized_decoding_is_one_graph_and_matches_eager(bits):
+    """int4 decodes through the packed kernel compiled or not; a compiled int8 step sums each row
+    over the dequantised weights in fp32 (kernels.fused_int8), so its oracle is the fp32 twin."""
     torch._dynamo.reset()
-    model = M.quantize(tiny_model(), M.QuantConfig(bits=4, group_size=32))
+    model = M.quantize(tiny_model(), M.QuantConfig(bits=bits, group_size=32))
+    oracle = model if bits == 4 else dequantized_twin(model)
     before = counters["stats"]["unique_graphs"]
     for prompt in ([[5, 6, 7]], [[8, 9, 10, 11, 12, 13]]):
-        eager = model.generate(prompt, max_new_tokens=10, stop_ids=[])
-        assert model.generate(prompt, max_new_tokens=10, stop_ids=[], compile=True) == eager
+        want = oracle.generate(prompt, max_new_tokens=10, stop_ids=[])
+        assert model.generate(prompt, max_new_tokens=10, stop_ids=[], compile=True) == want
     assert counters["stats"]["unique_graphs"] - before == 1
 
 
