@@ -405,11 +405,19 @@ def fused_dequantize(x: Tensor, data: Tensor) -> bool:
     Over 24 different 5632x2048 int8 matrices (2 threads, AMD EPYC, 2026-12-07) that read 21.0 GB/s
     with bf16 x and 26.1 with fp32 x (x's conversion otherwise sits in every row's loop), against
     _weight_int8pack_mm's 15.1; the StableLM-shape int8 model decoded 8.4-8.6 tok/s so, compiled,
-    against 7.4-7.7 eager through the packed kernel (BENCHMARKS.md). int4 stays packed on a CPU:
-    inductor does not vectorise the packed layout's strided nibbles (0.3-0.8 GB/s)."""
+    against 7.4-7.7 eager through the packed kernel (BENCHMARKS.md). Rows longer than
+    INDUCTOR_SUM_CHUNK stay packed: inductor's C++ sums those through a cascade helper, and the fused
+    loop read 7.4-7.9 GB/s against the packed kernel's 15.9-17.3 (2048x5632, 2560x10240: StableLM's
+    and Phi-2's down projections). int4 stays packed on a CPU: inductor does not vectorise the
+    packed layout's strided nibbles (0.3-0.8 GB/s)."""
     if x.is_cuda:
         return guard_or_false(x.shape[0] <= FUSED_MAX_ROWS)
-    return data.dtype == torch.int8 and guard_or_false(x.shape[0] == 1)
+    return data.dtype == torch.int8 and x.shape[-1] <= INDUCTOR_SUM_CHUNK and guard_or_false(x.shape[0] == 1)
+
+
+# inductor's C++ sums a reduction longer than this in chunks through a CascadeSumHelper (a stack per
+# output row, the running sum through memory): accurate, and half as fast for a matrix-vector loop
+INDUCTOR_SUM_CHUNK = 4096
 
 
 def dot_rows(x: Tensor, w: Tensor) -> Tensor:

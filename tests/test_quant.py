@@ -102,6 +102,15 @@ def test_compiled_one_row_int8_qlinear_sums_the_dequantized_weights(dtype):
     assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_TOL)  # fp32 sums, not the bf16 packed kernel
 
 
+def test_only_rows_inductor_sums_in_one_chunk_take_the_fused_int8_loop():
+    # longer rows go through inductor's cascade helper, half the packed kernel's speed (kernels.py)
+    data = torch.zeros(8, kernels.INDUCTOR_SUM_CHUNK + 64, dtype=torch.int8)
+    assert kernels.fused_dequantize(torch.zeros(1, kernels.INDUCTOR_SUM_CHUNK), data[:, : kernels.INDUCTOR_SUM_CHUNK])
+    assert not kernels.fused_dequantize(torch.zeros(1, data.shape[1]), data)
+    assert not kernels.fused_dequantize(torch.zeros(2, 64), data[:, :64])  # several rows: packed
+    assert not kernels.fused_dequantize(torch.zeros(1, 64), data[:, :32].view(torch.uint8))  # int4: packed
+
+
 E, H, FF = 4, 64, 96
 
 
