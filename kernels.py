@@ -262,9 +262,10 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #         [..., K/g, N, 2] = (scale, zero) per group of g inputs: w = (q - 8) * scale + zero
 # Scales are kept in bf16, the dtype the packed CPU kernels are fast in. Eager decoding (a few rows)
 # uses the kernels PyTorch ships (a compiled step: fused_dequantize); more rows (prefill, the vision
-# tower) dequantise once per call and run the float GEMM. Measured on the 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms; it
-# stays in the 480 MiB L3: streamed from memory, int8/int4 decode read 10-11 GB/s against bf16's
-# 14, so the gaps below shrink to 1.5x/2.3x on a whole model, BENCHMARKS.md):
+# tower) dequantise once per call and run the float GEMM. Measured on the 2-core AVX512/AMX CPU,
+# 2 threads, one 5632x2048 matrix (ms; it stays in the 480 MiB L3: streamed from memory, int8/int4
+# decode read 10-11 GB/s against bf16's 14, so the gaps below shrink to 1.5x/2.3x on a whole model,
+# BENCHMARKS.md):
 #   rows M                                           1      8      64
 #   bf16 F.linear                                  0.97   1.03   1.66
 #   _weight_int8pack_mm, bf16 x                    0.76   1.84   8.78     (fp32 x: 4.05 at M=1)
