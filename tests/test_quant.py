@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors import safe_open
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
 import medmoe as M
 from medmoe import cli, convert, files, kernels
@@ -109,6 +110,18 @@ def test_only_rows_inductor_sums_in_one_chunk_take_the_fused_int8_loop():
     assert not kernels.fused_dequantize(torch.zeros(1, data.shape[1]), data)
     assert not kernels.fused_dequantize(torch.zeros(2, 64), data[:, :64])  # several rows: packed
     assert not kernels.fused_dequantize(torch.zeros(1, 64), data[:, :32].view(torch.uint8))  # int4: packed
+
+
+
+@pytest.mark.parametrize("K", [kernels.INDUCTOR_SUM_CHUNK + 1, 9000])
+def test_compiled_long_rows_are_summed_in_pieces_inductor_sums_in_one_go(K):
+    """dot_rows sums a row longer than INDUCTOR_SUM_CHUNK in pieces: the same sum, and C++ without the
+    cascade helper inductor takes for longer reductions (half the speed, kernels.py)."""
+    torch._dynamo.reset()
+    x, w = torch.randn(3, K).bfloat16(), torch.randn(3, 64, K).bfloat16()  # row r times w[r]: the experts' gathered form
+    got, code = run_and_get_code(torch.compile(kernels.dot_rows, fullgraph=True, dynamic=False), x, w)
+    assert rel_err(got, (x.double().unsqueeze(-2) * w.double()).sum(-1)) < 1e-6
+    assert "CascadeSumHelper" not in "\n".join(code)
 
 
 E, H, FF = 4, 64, 96
