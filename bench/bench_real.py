@@ -153,8 +153,8 @@ def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
         model.encode_images(pixels)
         sync(device)
         vision = time.perf_counter() - t0
-    eager = [answer(False) for _ in range(REPEATS)]
-    ttft, eager = statistics.median(r[0] for r in eager), statistics.median(r[1] for r in eager)
+    runs = [answer(False) for _ in range(REPEATS)]
+    ttft, eager = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     peak_eager = peak_memory(device)  # before torch.compile, whose compiler holds a good deal of memory itself
     t0 = time.perf_counter()
     answer(True)  # compiles the decode step

@@ -112,7 +112,6 @@ def test_only_rows_inductor_sums_in_one_chunk_take_the_fused_int8_loop():
     assert not kernels.fused_dequantize(torch.zeros(1, 64), data[:, :32].view(torch.uint8))  # int4: packed
 
 
-
 @pytest.mark.parametrize("K", [kernels.INDUCTOR_SUM_CHUNK + 1, 9000])
 def test_compiled_long_rows_are_summed_in_pieces_inductor_sums_in_one_go(K):
     """dot_rows sums a row longer than INDUCTOR_SUM_CHUNK in pieces: the same sum, and C++ without the
