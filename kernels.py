@@ -407,17 +407,18 @@ def fused_dequantize(x: Tensor, data: Tensor) -> bool:
     with bf16 x and 26.1 with fp32 x (x's conversion otherwise sits in every row's loop), against
     _weight_int8pack_mm's 15.1; the StableLM-shape int8 model decoded 8.4-8.6 tok/s so, compiled,
     against 7.4-7.7 eager through the packed kernel (BENCHMARKS.md). Rows longer than
-    INDUCTOR_SUM_CHUNK stay packed: inductor's C++ sums those through a cascade helper, and the fused
-    loop read 7.4-7.9 GB/s against the packed kernel's 15.9-17.3 (2048x5632, 2560x10240: StableLM's
-    and Phi-2's down projections). int4 stays packed on a CPU: inductor does not vectorise the
-    packed layout's strided nibbles (0.3-0.8 GB/s)."""
+    INDUCTOR_SUM_CHUNK stay packed: as one sum (inductor's cascade helper) the fused loop read
+    7.4-7.9 GB/s against the packed kernel's 15.9-17.3 (2048x5632, 2560x10240: StableLM's and
+    Phi-2's down projections), and summed in pieces (dot_rows) the int8 model decoded 4.36 tok/s
+    against 11.94. int4 stays packed on a CPU: inductor does not vectorise the packed layout's
+    strided nibbles (0.3-0.8 GB/s)."""
     if x.is_cuda:
         return guard_or_false(x.shape[0] <= FUSED_MAX_ROWS)
     return data.dtype == torch.int8 and x.shape[-1] <= INDUCTOR_SUM_CHUNK and guard_or_false(x.shape[0] == 1)
 
 
 # inductor's C++ sums a reduction longer than this in chunks through a CascadeSumHelper (a stack per
-# output row, the running sum through memory): accurate, and half as fast for a matrix-vector loop
+# output row, the running sum through memory): accurate, and slower inside a whole decode step
 INDUCTOR_SUM_CHUNK = 4096
 
 
@@ -429,9 +430,12 @@ def dot_rows(x: Tensor, w: Tensor) -> Tensor:
     an expert gather w[idx]) fused into its loads: nothing the size of a weight is written.
     On a CPU a row longer than INDUCTOR_SUM_CHUNK is summed as equal pieces no longer than that, each
     its own loop, so inductor's C++ never takes its cascade helper: the StableLM-shape bf16 model (down
-    projections 5632 long) decoded 7.58-7.61 -> 8.09-8.10 tok/s compiled, round-robin, the same tokens.
-    (Viewing K as [pieces, K / pieces] instead made inductor write the whole product out inside the
-    FFN.) GPU reductions have no such helper, and no GPU was at hand to measure a split there."""
+    projections 5632 long) decoded faster so in four round-robin runs of four (7.58 -> 8.10, 7.61 ->
+    8.09, 5.83 -> 6.04, 6.64 -> 7.39 tok/s compiled, the same tokens), though on one matrix alone the
+    single sum reads faster (bench/bench_kernels.py --shape 2048x5632: 24.9 against 11.8 GB/s; each
+    piece streams half of every row). (Viewing K as [pieces, K / pieces] instead made inductor write
+    the whole product out inside the FFN.) GPU reductions have no such helper, and no GPU was at
+    hand to measure a split there."""
     K = x.shape[-1]
     pieces = -(-K // INDUCTOR_SUM_CHUNK)
     if pieces > 1 and x.device.type == "cpu":

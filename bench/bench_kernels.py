@@ -9,9 +9,10 @@ weight from memory as decoding does (one matrix, repeated, would sit in the CPU'
 candidates are timed round-robin, --rounds rounds; the table shows the median. The ceiling is
 summing a 2 GiB tensor, measured in the same run: "of the ceiling" is GB/s read / that.
 
-The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear) plus some it does not:
-the compiled one-row kernel's form on int8 weights (what inductor generates for int8 itself), the
-two packed kernels on fp32 activations (why qlinear runs them in bf16), and fbgemm's int8
+The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear, eager and in a
+compiled decode step) plus some it does not: the one-row kernel as one sum over a row longer than
+4096 (inductor's cascade helper, which kernels.dot_rows avoids by summing pieces), the two packed
+kernels on fp32 activations (why qlinear runs them in bf16), and fbgemm's int8
 dynamic-quantized linear, which also quantizes the activations to 8 bits. The last
 shows what an int8 kernel that streams at full bandwidth reaches. Its answers are another matter:
 on real SmolLM2 weights it moved the next-token logits to cosine 0.98 of fp32's and changed 18
@@ -44,17 +45,18 @@ def candidates(N, K, M):
     q4 = [kernels.quantize(w, 4, 64) for w in w32]
     q8_32, q4_32 = ([(d, s.float()) for d, s in qs] for qs in (q8, q4))
     one_row = torch.compile(kernels.linear, dynamic=False)  # the compiled decode step's kernel
-    # the one-row kernel's form on int8 weights: what inductor writes for int8 from PyTorch code
-    int8_row = torch.compile(lambda x, d, s: kernels.dot_rows(x, d) * s.float(), dynamic=False)
+    int8_row = torch.compile(kernels.qlinear, dynamic=False)  # the fused loop up to 4096 inputs, packed beyond
+    one_sum = torch.compile(lambda x, w: (x.unsqueeze(-2).float() * w.float()).sum(-1), dynamic=False)  # no pieces
     c = {  # name -> (bytes of one weight, the M calls)
         "fp32, F.linear (MKL)": (4, lambda: [F.linear(x32, w) for w in w32]),
         "bf16, F.linear (oneDNN)": (2, lambda: [F.linear(x16, w) for w in w16]),
         "bf16, compiled one-row kernel": (2, lambda: [one_row(x16, w) for w in w16]),
         "bf16w (fp32 x), compiled one-row kernel": (2, lambda: [one_row(x32, w) for w in w16]),
+        "bf16, compiled one-row kernel as one sum (not used)": (2, lambda: [one_sum(x16, w) for w in w16]),
         "bf16w (fp32 x), eager, upcast in 1024-row blocks": (2, lambda: [kernels.linear(x32, w) for w in w16]),
         "int8, _weight_int8pack_mm": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
         "int4 g64, _weight_int4pack_mm_for_cpu": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
-        "int8, compiled one-row kernel (not used)": (1, lambda: [int8_row(x32, *q) for q in q8]),
+        "int8 (fp32 x), compiled one-row kernel": (1, lambda: [int8_row(x32, *q) for q in q8]),
         # the same two kernels with fp32 activations (and scales): why qlinear computes in bf16
         "int8, _weight_int8pack_mm, fp32 x (not used)": (1, lambda: [torch._weight_int8pack_mm(x32, d, s) for d, s in q8_32]),
         "int4 g64, _weight_int4pack_mm_for_cpu, fp32 x (not used)": (

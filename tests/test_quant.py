@@ -115,7 +115,7 @@ def test_only_rows_inductor_sums_in_one_chunk_take_the_fused_int8_loop():
 @pytest.mark.parametrize("K", [kernels.INDUCTOR_SUM_CHUNK + 1, 9000])
 def test_compiled_long_rows_are_summed_in_pieces_inductor_sums_in_one_go(K):
     """dot_rows sums a row longer than INDUCTOR_SUM_CHUNK in pieces: the same sum, and C++ without the
-    cascade helper inductor takes for longer reductions (half the speed, kernels.py)."""
+    cascade helper inductor takes for longer reductions (slower inside a decode step, kernels.py)."""
     torch._dynamo.reset()
     x, w = torch.randn(3, K).bfloat16(), torch.randn(3, 64, K).bfloat16()  # row r times w[r]: the experts' gathered form
     got, code = run_and_get_code(torch.compile(kernels.dot_rows, fullgraph=True, dynamic=False), x, w)
