@@ -277,6 +277,8 @@ def dispatch_samples(experts, chosen, inputs, *args):
 # dependency would buy nothing here. fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
 # fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits too:
 # SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used.
+# Nor is a hand-written C++ kernel: an AVX-512 loop for one int8 row (four accumulators; or int16 x
+# with VNNI) read 14-20 GB/s where inductor's fused loop read 21 (2026-12-07, BENCHMARKS.md).
 INT8_PACKED_MAX_ROWS = 8
 INT4_PACKED_MAX_ROWS = 128
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts

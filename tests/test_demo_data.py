@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import random
 from collections import Counter
 
 import pytest
@@ -91,6 +92,15 @@ def test_slices_and_crops_come_from_where_their_source_says(built):
             gaps = [b - a for a, b in zip([first, *frames], [*frames, stop])]  # before the first, between, after the last
             assert gaps[0] == 0 and max(gaps) <= -(-(stop - first) // len(frames)), (src.file, frames)
             assert len(mine) - len(frames) == (0 if src.held_out else src.n - len(frames))
+            if src.modality == "xray":  # half the reconstructions' copies cut inside the body, as a collimated film is
+                views = demo.read_frames(src)
+                boxes = [(r["box"], views[r["frame"]].size) for r in mine if r["augmented"]]
+                cut = [(box, size) for box, size in boxes if box != [0, 0, *size]]
+                assert 0.3 * len(boxes) <= len(cut) <= 0.7 * len(boxes)
+                for (x0, y0, x1, y1), (w, h) in cut:
+                    side = x1 - x0
+                    assert y1 - y0 == side and 0.6 * min(w, h) - 1 <= side <= 0.9 * min(w, h) + 1
+                    assert (w - side) // 4 <= x0 <= w - side - (w - side) // 4 and 0 <= y0 <= h - side
         else:  # the whole field once (as it is), then square crops of it, their side `scale` of its short side
             w, h = demo.read_frames(src)[0].size
             field = [round(f * s) for f, s in zip(src.field, (w, h, w, h))]
@@ -100,6 +110,15 @@ def test_slices_and_crops_come_from_where_their_source_says(built):
                 x0, y0, x1, y1 = r["box"]
                 assert field[0] <= x0 and field[1] <= y0 and x1 <= field[2] and y1 <= field[3]
                 assert x1 - x0 == y1 - y0 and src.scale[0] * short - 1 <= x1 - x0 <= src.scale[1] * short + 1
+
+
+def test_radiographs_are_not_zoomed_out_onto_black():
+    """augment zooms CT and MRI copies out onto black half the time, never a radiograph (a film's body fills its field):
+    on a white image, an X-ray copy's only black is what turning and stretching it leaves in the corners."""
+    white = Image.new("RGB", (64, 64), "white")
+    black = {m: sum(sum(demo.augment(white, random.Random(i), m).convert("L").histogram()[:40]) for i in range(200)) / (200 * 64 * 64)
+             for m in ("xray", "ct")}
+    assert black["xray"] < 0.05 and black["ct"] > 0.1, black
 
 
 def test_questions_and_balanced_yes_no(built):
