@@ -589,12 +589,13 @@ def assemble(out_dir, source=None, size=64, seed=0, train_scale=1):
 
 # ----------------------------------------------------------------------------- the demo: a Med-MoE from scratch, three stages
 
-# Chosen on this 2-core CPU, each choice measured over seeds 0-2 (BENCHMARKS.md, "The demo model on other
-# sources' scans"): the `demo` preset (the `tiny` LLM with 48 px images: 36 patches instead of 16; the vision tower is trained
-# too, since no pretrained one can be had offline), three times the default number of training
-# crops, batch 16, lr 1e-3 / 2e-3 / 1e-3, and the MoE layers in the second half of the LLM (2 and
-# 3 of 4): a linear probe of the stage-2 model's FFN inputs tells modalities of held-out images
-# apart best there (92% at layer 2 against 80% at layer 0), and Med-MoE's router is such a probe.
+# Chosen on this 2-core CPU, each choice measured over seeds 0-2 (BENCHMARKS.md, "The demo model on
+# other sources' scans"): the `demo` preset (the `tiny` LLM with 48 px images: 36 patches instead
+# of 16; the vision tower is trained too, since no pretrained one can be had offline), three times
+# the default number of training crops, batch 16, lr 1e-3 / 2e-3 / 1e-3, and the MoE layers in the
+# second half of the LLM (2 and 3 of 4): a linear probe of the stage-2 model's FFN inputs tells
+# modalities of held-out images apart best there (92% at layer 2 against 80% at layer 0), and
+# Med-MoE's router is such a probe.
 EPOCHS = {1: 2, 2: 6, 3: 2}
 LR = {1: 1e-3, 2: 2e-3, 3: 1e-3}
 TRAIN_SCALE = 3

@@ -83,7 +83,8 @@ def test_slices_and_crops_come_from_where_their_source_says(built):
         mine = [r for r in images_of(records["test" if src.held_out else "train"]) if same(r)]
         assert len(mine) == src.n  # the fixture's train_scale is 1
         if src.cut == "slices":
-            first, stop = src.use or (0, len(demo.read_frames(src)))
+            views = demo.read_frames(src)
+            first, stop = src.use or (0, len(views))
             assert all(first <= r["frame"] < stop for r in mine)
             # n slices as they are, spread evenly through the slices in use (all of them where there are no more), none
             # twice; training then adds augmented copies
@@ -93,7 +94,6 @@ def test_slices_and_crops_come_from_where_their_source_says(built):
             assert gaps[0] == 0 and max(gaps) <= -(-(stop - first) // len(frames)), (src.file, frames)
             assert len(mine) - len(frames) == (0 if src.held_out else src.n - len(frames))
             if src.modality == "xray":  # half the reconstructions' copies cut inside the body, as a collimated film is
-                views = demo.read_frames(src)
                 boxes = [(r["box"], views[r["frame"]].size) for r in mine if r["augmented"]]
                 cut = [(box, size) for box, size in boxes if box != [0, 0, *size]]
                 assert 0.3 * len(boxes) <= len(cut) <= 0.7 * len(boxes)
