@@ -693,16 +693,10 @@ def stage0_data(train_file, vision):
 def pretrain_vision(model_dir, train_file, seed):
     """Stage 0, the demo's stand-in for the CLIP pretraining Med-MoE starts from (the demo's tower starts random):
     the vision tower learns to tell the training images' modalities and body regions apart (train_modality_classifier)
-    and is written back; stages 1-3 then keep it frozen, as Med-MoE keeps CLIP. Measured with bench/demo_transfer.py
-    on seeds 0-2 (2026-12-04): trained with the LLM instead (stages 1-2), the tower left the demo's own held-out router
-    at 56-74% and answered 46-68% of other sources' modality questions; pretrained on the modality alone and frozen,
-    96-100% and 54-63%; with zoomed-out training copies (augment) too, 95-99% and 66-72%, but the yes/no questions,
-    half of them about the region, fell to 87-92%; with the region head as well, own closed 94-96%, router 96-98%,
-    other sources 59-79%. Since 2026-12-06 the modality head also reads every patch alone (train_modality_classifier):
-    on seeds 0-2 the own router 95.2 / 83.3 / 95.2% against 88.7 / 81.0 / 76.2% from the mean alone (the same images),
-    over seeds 0-4 83-95%, other sources 76-87%; asking only the patches with content (has_content), seeds 0-2: own
-    closed 92.9 / 92.9 / 91.7, router 89.3 / 91.7 / 92.9%, other sources 78-89% (BENCHMARKS.md, "The demo model on
-    other sources' scans")."""
+    and is written back; stages 1-3 then keep it frozen, as Med-MoE keeps CLIP. Trained with the LLM instead (stages
+    1-2), the tower left the demo's own held-out router at 56-74% and answered 46-68% of other sources' modality
+    questions (bench/demo_transfer.py, seeds 0-2, 2026-12-04); how each part of stage 0 was chosen: BENCHMARKS.md,
+    "The demo model on other sources' scans"."""
     model = medmoe.load_model(model_dir)
     found = stage0_data(train_file, model.cfg.vision)
     if found is None:
