@@ -435,9 +435,9 @@ def dot_rows(x: Tensor, w: Tensor) -> Tensor:
     projections 5632 long) decoded faster so in four round-robin runs of four (7.58 -> 8.10, 7.61 ->
     8.09, 5.83 -> 6.04, 6.64 -> 7.39 tok/s compiled, the same tokens), though on one matrix alone the
     single sum reads faster (bench/bench_kernels.py --shape 2048x5632: 24.9 against 11.8 GB/s; each
-    piece streams half of every row). (Viewing K as [pieces, K / pieces] instead made inductor write
-    the whole product out inside the FFN.) GPU reductions have no such helper, and no GPU was at
-    hand to measure a split there."""
+    piece streams half of every row). (K viewed as [pieces, K / pieces], each row's pieces adjacent in
+    one loop, read 22.5 against 14.0 GB/s on that matrix but decoded slower: 4.96 against 5.82 tok/s,
+    BENCHMARKS.md.) GPU reductions have no such helper, and no GPU was at hand to measure a split there."""
     K = x.shape[-1]
     pieces = -(-K // INDUCTOR_SUM_CHUNK)
     if pieces > 1 and x.device.type == "cpu":
