@@ -273,8 +273,11 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #   int8 dequantise + F.linear                     2.09   2.27   2.52
 #   inductor-fused  F.linear(x, w.to(bf16)) * s    1.97                   (gpt-fast's int8 form)
 #   int4 dequantise: 28 ms eager, 8.6 ms compiled; then F.linear at M=636: 10.4 ms
-# torchao's int8/int4 weight-only CPU layouts call these same two aten kernels, so the optional
-# dependency would buy nothing here. fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
+# torchao's int8/int4 weight-only CPU layouts call these same two aten kernels (or, for int8, the
+# gpt-fast form above), so the optional dependency would buy nothing here. Measured with torchao
+# 0.18 (one row, 16 different 5632x2048 matrices, AMD EPYC, 2026-12-07): Int8WeightOnlyConfig read
+# 5.4 GB/s eager and 14.8 compiled against 17.3 / 18.0 here; the int4 CPU layout 15.9 / 14.1 against
+# 17.3 (BENCHMARKS.md). fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
 # fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits too:
 # SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used.
 # Nor is a hand-written C++ kernel: an AVX-512 loop for one int8 row (four accumulators; or int16 x
