@@ -375,15 +375,15 @@ def group_size(data, scales):
 
 
 def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] @ w.T (+ bias) for a quantized w. A compiled decode step runs dot_rows over the
-    dequantisation where fused_dequantize says so (one fused kernel); otherwise the packed kernels
-    serve the few rows of decoding on CPU (in bf16, where they are fast, whatever x's dtype), and
-    other cases dequantise. On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4)
-    that read int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU
-    int8 and int4 save memory, not time. PyTorch's own CUDA kernels were measured too:
-    _weight_int8pack_mm read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead
-    for int4 on CUDA, but it needs its own tiled layout (repacked at load) and one matrix per
-    call (not the gathered experts), so it is not wired in yet."""
+    """x [..., K] @ w.T (+ bias) for a quantized w. A compiled decode step runs qdot_rows where
+    fused_dequantize says so (one fused kernel); otherwise the packed kernels serve the few rows of
+    decoding on CPU (in bf16, where they are fast, whatever x's dtype), and other cases dequantise.
+    On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4) that read
+    int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU int8 and
+    int4 save memory, not time. PyTorch's own CUDA kernels were measured too: _weight_int8pack_mm
+    read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead for int4 on CUDA, but it
+    needs its own tiled layout (repacked at load) and one matrix per call (not the gathered
+    experts), so it is not wired in yet."""
     x2 = x.reshape(-1, x.shape[-1])
     int8 = data.dtype == torch.int8
     if torch.compiler.is_compiling() and fused_dequantize(x2, data):
@@ -405,9 +405,9 @@ FUSED_MAX_ROWS = 16  # rows of x that a compiled CUDA decode step runs through d
 
 
 def fused_dequantize(x: Tensor, data: Tensor) -> bool:
-    """Whether a compiled decode step runs rows x [R, K] through quantized weights as dot_rows over
-    their dequantisation (one reduction whose loads read the integers and scales as it sums) rather
-    than a packed kernel: on CUDA up to FUSED_MAX_ROWS rows; on a CPU one row through int8 weights.
+    """Whether a compiled decode step runs rows x [R, K] through quantized weights as qdot_rows (one
+    reduction whose loads read the integers and scales as it sums) rather than a packed kernel: on
+    CUDA up to FUSED_MAX_ROWS rows; on a CPU one row through int8 weights.
     Over 24 different 5632x2048 int8 matrices (2 threads, AMD EPYC, 2026-12-07) that read 21.0 GB/s
     with bf16 x and 26.1 with fp32 x (x's conversion otherwise sits in every row's loop), against
     _weight_int8pack_mm's 15.1; the StableLM-shape int8 model decoded 8.4-8.6 tok/s so, compiled,
