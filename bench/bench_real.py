@@ -176,13 +176,13 @@ def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
             "decode_gb": medmoe.decode_bytes(model) / 1e9, "limit": limit}
 
 
-def ratios(threads, new_tokens, rounds, *named_ckpts):
+def ratios(threads, new_tokens, rounds, names, *ckpts):
     """--ratios: every checkpoint loaded in one process, compiled decoding timed round-robin, each round
     beside its own bandwidth measurement. Between the shape table's processes this machine's bandwidth
     moves by 2x (27-69 GB/s), and the quantized-to-bf16 ratios with it; here both sides of a ratio
     see the same memory."""
     torch.set_num_threads(int(threads))
-    names, ckpts = named_ckpts[::2], named_ckpts[1::2]
+    names = names.split(",")
     models = [medmoe.load_model(ckpt) for ckpt in ckpts]
     answers = [answerer(model, int(new_tokens), "cpu")[0] for model in models]
     for answer in answers:
@@ -377,7 +377,7 @@ def ratio_table(shape, dtypes, args, work):
     for d, ckpt in ckpts.items():
         if not os.path.exists(ckpt):
             worker("convert", bf16, ckpt, d)
-    r = worker("ratios", args.threads, args.new_tokens, args.rounds, *(x for item in ckpts.items() for x in item))
+    r = worker("ratios", args.threads, args.new_tokens, args.rounds, ",".join(ckpts), *ckpts.values())
     gb = r["decode_gb"]
     print(f"\n### {shape}: compiled decode, {' / '.join(dtypes)} in one process, round-robin, {args.new_tokens} tokens an answer\n")
     print("each cell: tok/s (the multiple of bf16's in the same round; the fraction of the bandwidth limit, "
