@@ -15,6 +15,14 @@ float weight stored narrower than x (weight-only bf16) is upcast where it is rea
            no host sync, no opaque op); eager, a small matmul per row on weight views. Decoding.
 """
 
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -258,35 +266,41 @@ def dispatch_samples(experts, chosen, inputs, *args):
 # ----------------------------------------------------------------------------- weight-only quantization
 # A quantized weight is a pair (data, scales); which kind it is follows from data's dtype:
 #   int8  data int8  [..., N, K], scales [..., N]: w = data * scale, per output channel (symmetric)
-#   int4  data uint8 [..., N, K/2] in the layout torch._weight_int4pack_mm_for_cpu reads, scales
-#         [..., K/g, N, 2] = (scale, zero) per group of g inputs: w = (q - 8) * scale + zero
-# Scales are kept in bf16, the dtype the packed CPU kernels are fast in. Eager decoding (a few rows)
-# uses the kernels PyTorch ships (a compiled step: fused_dequantize); more rows (prefill, the vision
-# tower) dequantise once per call and run the float GEMM. Measured on the 2-core AVX512/AMX CPU,
-# 2 threads, one 5632x2048 matrix (ms; it stays in the 480 MiB L3: streamed from memory, int8/int4
-# decode read 10-11 GB/s against bf16's 14, so the gaps below shrink to 1.5x/2.3x on a whole model,
-# BENCHMARKS.md):
+#   int4  data uint8 [..., N, K/2], scales [..., N/4, K/g, 4, 2] = (scale, zero) per row and group of
+#         g inputs: w = (q - 8) * scale + zero. Data and scales in tiles of 4 rows, the layout
+#         int4_cpu.cpp reads (_pack_int4).
+# Scales are kept in bf16, the dtype the CPU kernels are fast in. Decoding (a few rows) runs
+# PyTorch's int8 kernel or our int4 one (int4_rows); a compiled step: fused_dequantize. More rows
+# (prefill, the vision tower) dequantise once per call and run the float GEMM. Measured on the
+# 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms; it stays in the 480 MiB L3: streamed
+# from memory, int8 decode read 10-11 GB/s against bf16's 14, BENCHMARKS.md):
 #   rows M                                           1      8      64
 #   bf16 F.linear                                  0.97   1.03   1.66
 #   _weight_int8pack_mm, bf16 x                    0.76   1.84   8.78     (fp32 x: 4.05 at M=1)
 #   _weight_int4pack_mm_for_cpu g64, bf16 x        0.35   1.17   8.05     (fp32 x: 8.56 at M=1)
 #   int8 dequantise + F.linear                     2.09   2.27   2.52
 #   inductor-fused  F.linear(x, w.to(bf16)) * s    1.97                   (gpt-fast's int8 form)
-#   int4 dequantise: 28 ms eager, 8.6 ms compiled; then F.linear at M=636: 10.4 ms
-# torchao's int8/int4 weight-only CPU layouts call these same two aten kernels (or, for int8, the
+# torchao's int8/int4 weight-only CPU layouts call these same aten kernels (or, for int8, the
 # gpt-fast form above), so the optional dependency would buy nothing here. Measured with torchao
 # 0.18 (one row, 16 different 5632x2048 matrices, AMD EPYC, 2026-12-07): Int8WeightOnlyConfig read
 # 5.4 GB/s eager and 14.8 compiled against 17.3 / 18.0 here; the int4 CPU layout 15.9 / 14.1 against
 # 17.3 (BENCHMARKS.md). fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
-# fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits too:
-# SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used.
-# Nor is a hand-written C++ kernel: an AVX-512 loop for one int8 row (four accumulators; or int16 x
-# with VNNI) read 14-20 GB/s where inductor's fused loop read 21 (2026-12-07, BENCHMARKS.md).
+# fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits per
+# tensor: SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used. int8 has no
+# hand-written kernel: an AVX-512 loop for one int8 row (four accumulators; or int16 x with VNNI)
+# read 14-20 GB/s where inductor's fused loop read 21 (2026-12-07, BENCHMARKS.md). int4 has one
+# (int4_cpu.cpp): PyTorch's int4 kernel is bound by its arithmetic (~35 G weights/s), ours, which
+# rounds x to int8 and multiplies integers, by memory. One row, 24 different 5632x2048 matrices
+# (bench/bench_kernels.py, 2 threads, AMD EPYC, 2026-12-07; summing 2 GiB read 36.0 GB/s): int4_rows
+# 26.8 GB/s of int4 weights (its AVX2 loop 22.4, its portable one 11.7) against
+# _weight_int4pack_mm_for_cpu's 18.3 on the same weights. Its rounding of x, on SmolLM2 (int4, groups
+# of 32): perplexity 15.095 against 15.035 dequantised (fp32 15.002), tests/test_real_weights.py.
 INT8_PACKED_MAX_ROWS = 8
-INT4_PACKED_MAX_ROWS = 128
-INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+INT4_KERNEL_MAX_ROWS = 128
+INT4_GROUPS = (32, 64, 128, 256)
+INT4_LAYOUT = 2  # stored in checkpoints (QuantConfig.int4_layout): 1 was PyTorch's _convert_weight_to_int4pack_for_cpu
 SCALE_DTYPE = torch.bfloat16
-_ROW_CHUNK = 8192  # quantise this many output rows at a time (a multiple of 64: see _pack_int4)
+_ROW_CHUNK = 8192  # quantise this many output rows at a time (a multiple of the 4-row tiles)
 
 
 def quantize(w: Tensor, bits: int, group: int = 64) -> tuple[Tensor, Tensor]:
@@ -295,13 +309,13 @@ def quantize(w: Tensor, bits: int, group: int = 64) -> tuple[Tensor, Tensor]:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, not {bits}")
     *lead, N, K = w.shape
-    if bits == 4 and (group not in INT4_GROUPS or K % group or N % 16):
-        raise ValueError(f"int4 needs the input size ({K}) divisible by the group size {group} (one of {INT4_GROUPS}) "
-                         f"and the output size ({N}) by 16")
+    if bits == 4 and (group not in INT4_GROUPS or K % group or K % 64 or N % 4):
+        raise ValueError(f"int4 needs the input size ({K}) divisible by 64 and by the group size {group} (one of {INT4_GROUPS}), "
+                         f"and the output size ({N}) by 4")
     flat = w.reshape(-1, N, K)
     parts = [_quantize_rows(flat[:, i : i + _ROW_CHUNK], bits, group) for i in range(0, N, _ROW_CHUNK)]
     data = torch.cat([p[0] for p in parts], 1).reshape(*lead, N, -1)
-    scales = torch.cat([p[1] for p in parts], -2 if bits == 4 else 1)
+    scales = torch.cat([p[1] for p in parts], 1)
     return data, scales.reshape(*lead, *scales.shape[1:])
 
 
@@ -318,44 +332,30 @@ def _quantize_rows(w, bits, group):
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12).to(SCALE_DTYPE)  # asymmetric: each group's range onto 0..15
     zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)  # the kernel reads  w = (q - 8) * scale + zero
-    q = ((g - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15).to(torch.int32).reshape(E, N, K)
-    data = torch.stack([_pack_int4(m) for m in q])
-    return data, torch.stack([scale, zero], -1).transpose(1, 2)  # [E, K/g, N, 2]
+    q = ((g - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15).to(torch.uint8).reshape(E, N, K)
+    scales = torch.stack([scale, zero], -1).reshape(E, N // 4, 4, K // group, 2).transpose(2, 3)
+    return _pack_int4(q), scales.contiguous()  # [E, N/4, K/g, 4, 2]
 
 
 def _pack_int4(q):
-    """[N, K] int32 values 0..15 -> [N, K/2] uint8 in the CPU kernel's layout: blocks of 64 rows,
-    each stored [K, 32] with rows j and j+32 in the low and high nibble of one byte; a tail of
-    N % 64 rows stored [K, tail/2] with row pairs (2i, 2i+1) in one byte. _unpack_int4 inverts it;
-    check_int4_layout() checks it against this torch build at load time."""
-    return torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    """[..., N, K] values 0..15 -> [..., N/4, K/64, 4, 32] bytes, viewed [..., N, K/2]: tiles of 4 rows,
+    each row's inputs 64c..64c+63 in 32 bytes, input 64c+j in the low nibble of byte j and 64c+32+j in
+    the high one (int4_cpu.cpp reads a pair of rows' 64 bytes as one vector)."""
+    *lead, N, K = q.shape
+    q = q.to(torch.uint8).reshape(*lead, N // 4, 4, K // 64, 2, 32)
+    return (q[..., 0, :] | q[..., 1, :] << 4).transpose(-3, -2).reshape(*lead, N, K // 2)
 
 
 def _unpack_int4(data, dtype=torch.uint8):
-    """Packed [..., N, K/2] -> the values 0..15 as dtype [..., N, K]. Each nibble is written
-    straight to its place in the output (no concatenated or transposed intermediate copies)."""
+    """Packed [..., N, K/2] -> the values 0..15 as dtype [..., N, K]."""
     *lead, N, half = data.shape
-    K, full = 2 * half, N // 64 * 64
-    if torch.compiler.is_compiling() and full == N:
-        # the same as pure expressions (no writes), which inductor fuses into the kernel that reads them
-        m = data.reshape(*lead, N // 64, K, 32)
-        return torch.cat([m & 15, m >> 4], -1).transpose(-1, -2).reshape(*lead, N, K).to(dtype)
-    flat = data.reshape(*lead, N * half)
-    out = data.new_empty((*lead, N, K), dtype=dtype)
-    main = flat[..., : full * half].reshape(*lead, full // 64, K, 32)
-    blocks = out[..., :full, :].view(*lead, full // 64, 64, K)
-    blocks[..., :32, :].copy_((main & 15).transpose(-1, -2))
-    blocks[..., 32:, :].copy_((main >> 4).transpose(-1, -2))
-    tail = flat[..., full * half :].reshape(*lead, K, (N - full) // 2)
-    out[..., full:, :].copy_(torch.stack([tail & 15, tail >> 4], -1).reshape(*lead, K, N - full).transpose(-1, -2))
-    return out
-
-
-def check_int4_layout():
-    """True when this torch packs int4 as _unpack_int4 reads it (checkpoints store the packed
-    bytes so that they can be memory-mapped; a torch that packs differently must re-quantize)."""
-    q = torch.arange(80 * 64, dtype=torch.int32).reshape(80, 64) * 7 % 16  # a 64-row block and a tail
-    return torch.equal(_unpack_int4(_pack_int4(q)), q.to(torch.uint8))
+    tiles = data.reshape(*lead, N // 4, half // 32, 4, 32).transpose(-3, -2)  # [..., N/4, 4, K/64, 32]
+    if torch.compiler.is_compiling():  # pure expressions, which inductor fuses into the kernel that reads them
+        return torch.stack([tiles & 15, tiles >> 4], -2).reshape(*lead, N, 2 * half).to(dtype)
+    out = data.new_empty((*lead, N // 4, 4, half // 32, 2, 32), dtype=dtype)  # each nibble written once, in place
+    out[..., 0, :].copy_(tiles & 15)
+    out[..., 1, :].copy_(tiles >> 4)
+    return out.view(*lead, N, 2 * half)
 
 
 def dequantize(data: Tensor, scales: Tensor, dtype=torch.float32) -> Tensor:
@@ -364,7 +364,7 @@ def dequantize(data: Tensor, scales: Tensor, dtype=torch.float32) -> Tensor:
         return data.to(dtype).mul_(scales.to(dtype)[..., None])
     w = _unpack_int4(data, dtype)
     *lead, N, K = w.shape
-    s = scales.to(dtype).transpose(-3, -2)  # [..., N, K/g, 2]
+    s = scales.to(dtype).transpose(-3, -2).reshape(*lead, N, -1, 2)  # [..., N, K/g, 2]
     scale, zero = s[..., :1], s[..., 1:] - 8 * s[..., :1]  # w = (q - 8) * scale + zero = q * scale + (zero - 8 scale)
     # in place: eager bf16 addcmul with broadcast scales was 3x slower than mul_ + add_ (5632x2048, 2 threads)
     return w.view(*lead, N, s.shape[-2], -1).mul_(scale).add_(zero).view(*lead, N, K)
@@ -376,29 +376,98 @@ def group_size(data, scales):
 
 def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., K] @ w.T (+ bias) for a quantized w. A compiled decode step runs qdot_rows where
-    fused_dequantize says so (one fused kernel); otherwise the packed kernels serve the few rows of
-    decoding on CPU (in bf16, where they are fast, whatever x's dtype), and other cases dequantise.
-    On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4) that read
-    int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU int8 and
-    int4 save memory, not time. PyTorch's own CUDA kernels were measured too: _weight_int8pack_mm
-    read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead for int4 on CUDA, but it
-    needs its own tiled layout (repacked at load) and one matrix per call (not the gathered
-    experts), so it is not wired in yet."""
+    fused_dequantize says so (one fused kernel); otherwise a few rows on CPU go through int4_rows or
+    PyTorch's packed int8 kernel (in bf16, where it is fast, whatever x's dtype), and other cases
+    dequantise. On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4)
+    that read int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU
+    int8 and int4 save memory, not time. PyTorch's own CUDA kernels were measured too:
+    _weight_int8pack_mm read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead for
+    int4 on CUDA, but it needs its own tiled layout (repacked at load) and one matrix per call (not
+    the gathered experts), so it is not wired in yet."""
     x2 = x.reshape(-1, x.shape[-1])
-    int8 = data.dtype == torch.int8
+    rows, cpu = x2.shape[0], x.device.type == "cpu"
     if torch.compiler.is_compiling() and fused_dequantize(x2, data):
         y = qdot_rows(x2, data, scales).to(x.dtype)
-    elif x.device.type == "cpu" and x2.shape[0] <= (INT8_PACKED_MAX_ROWS if int8 else INT4_PACKED_MAX_ROWS):
-        xs = x2.to(scales.dtype).contiguous()
-        if int8:
-            y = torch._weight_int8pack_mm(xs, data, scales)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(xs, data, group_size(data, scales), scales)
-        y = y.to(x.dtype)
+    elif cpu and data.dtype == torch.int8 and rows <= INT8_PACKED_MAX_ROWS:
+        y = torch._weight_int8pack_mm(x2.to(scales.dtype).contiguous(), data, scales).to(x.dtype)
+    elif cpu and data.dtype == torch.uint8 and rows <= INT4_KERNEL_MAX_ROWS and has_int4_kernel():
+        y = int4_rows(x2, data, scales)
     else:
         y = F.linear(x2, dequantize(data, scales, x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
+
+
+@functools.cache
+def int4_cpu_library():
+    """int4_cpu.cpp built for this CPU with the C++ compiler inductor uses too ($CXX or g++), once:
+    the library is kept in $MEDMOE_CACHE (~/.cache/medmoe), named by a hash of the source and of what
+    it was built for. None, with a warning, where it cannot be built: int4 then dequantises."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int4_cpu.cpp")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        warnings.warn("no C++ compiler ($CXX, g++ or c++): int4 weights are dequantised for every product (slow)", stacklevel=2)
+        return None
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    with open(source, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join([cxx, *flags, platform.machine(), platform.processor(), _cpu_flags()]).encode())
+    cache = os.environ.get("MEDMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medmoe")
+    path = os.path.join(cache, f"int4_cpu-{key.hexdigest()[:16]}.so")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        built = subprocess.run([cxx, *flags, source, "-o", tmp], capture_output=True, text=True)
+        if built.returncode:
+            warnings.warn(f"could not build int4_cpu.cpp ({cxx}): int4 weights are dequantised for every product (slow)\n"
+                          f"{built.stderr[-2000:]}", stacklevel=2)
+            return None
+        os.replace(tmp, path)  # atomic: another process building the same file at once is harmless
+    library = ctypes.CDLL(path)
+    library.int4_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
+    return library
+
+
+def _cpu_flags():
+    """The CPU's feature flags (Linux): -march=native builds differ between CPUs sharing a cache."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+@torch.compiler.assume_constant_result
+def has_int4_kernel() -> bool:
+    return int4_cpu_library() is not None
+
+
+def _int4_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tensor:
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return _int4_rows(x.float(), data, scales, loop).to(x.dtype)
+    x, data, scales = x.contiguous(), data.contiguous(), scales.contiguous()
+    (M, K), N = x.shape, data.shape[-2]
+    y = x.new_empty(M, N)
+    library = int4_cpu_library()
+    library.int4_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, group_size(data, scales),
+                      x.dtype == torch.bfloat16, torch.get_num_threads(), library.int4_best_loop() if loop < 0 else loop)
+    return y
+
+
+# Defined through torch.library.Library rather than custom_op (as expert_qmm is): a call costs 6 us
+# against custom_op's 17 (its wrappers), and a StableLM-shape int4 decode step makes ~200 of them.
+_library = torch.library.Library("medmoe", "FRAGMENT")
+_library.define("int4_rows(Tensor x, Tensor data, Tensor scales, int loop=-1) -> Tensor")
+_library.impl("int4_rows", _int4_rows, "CPU")
+int4_rows = torch.ops.medmoe.int4_rows.default
+int4_rows.__doc__ = """x [M, K] @ w.T -> [M, N] in x's dtype, for an int4 (data [N, K/2], scales) on a CPU: int4_cpu.cpp,
+x rounded to int8 (a scale per 32 inputs) and multiplied in integers. loop: one of INT4_LOOPS, up to
+the best this CPU has (the default). Opaque to torch.compile (one node in the decode graph)."""
+INT4_LOOPS = ("portable", "AVX2", "AVX512-VNNI")  # int4_cpu.cpp's loops[]
+
+
+@torch.library.register_fake("medmoe::int4_rows")
+def _(x, data, scales, loop=-1):
+    return x.new_empty(x.shape[0], data.shape[-2])
 
 
 FUSED_MAX_ROWS = 16  # rows of x that a compiled CUDA decode step runs through dot_rows (dequantised in its loads)
@@ -415,8 +484,7 @@ def fused_dequantize(x: Tensor, data: Tensor) -> bool:
     INDUCTOR_SUM_CHUNK stay packed: as one sum (inductor's cascade helper) the fused loop read
     7.4-7.9 GB/s against the packed kernel's 15.9-17.3 (2048x5632, 2560x10240: StableLM's and
     Phi-2's down projections), and summed in pieces (dot_rows) the int8 model decoded 4.36 tok/s
-    against 11.94. int4 stays packed on a CPU: inductor does not vectorise the packed layout's
-    strided nibbles (0.3-0.8 GB/s)."""
+    against 11.94. int4 runs int4_rows on a CPU (faster than any reduction inductor writes)."""
     if x.is_cuda:
         return guard_or_false(x.shape[0] <= FUSED_MAX_ROWS)
     return data.dtype == torch.int8 and x.shape[-1] <= INDUCTOR_SUM_CHUNK and guard_or_false(x.shape[0] == 1)

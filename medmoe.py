@@ -123,6 +123,7 @@ class QuantConfig:
     # straight into the logits. Measured on SmolLM2 (VQA-RAD text): an int4 head costs 7.8%
     # perplexity, an int8 head 0.2% (tests/test_real_weights.py).
     lm_head_bits: int = 8
+    int4_layout: int = kernels.INT4_LAYOUT  # the int4 layout written; load_config refuses another
 
 
 @dataclass
@@ -893,6 +894,9 @@ def load_config(directory):
     if "llm" not in d:
         hint = " (a Hugging Face or Med-MoE checkpoint: run `medmoe convert` first)" if "model_type" in d or "architectures" in d else ""
         raise MedMoEError(f"{path}: not a medmoe config{hint}")
+    quant = d.get("quant")
+    if isinstance(quant, dict) and quant.get("bits") == 4 and quant.get("int4_layout", 1) != kernels.INT4_LAYOUT:
+        raise MedMoEError(f"{directory}: int4 weights in an older layout: re-run `medmoe convert --quantize int4` from the float weights")
     cfg = from_json(Config, d, path)
     if cfg.llm.arch not in ARCHS:
         raise MedMoEError(f"{path}: unknown architecture {cfg.llm.arch!r} (supported: {', '.join(ARCHS)})")
@@ -949,8 +953,6 @@ def load_model(directory, dtype=None, device="cpu", quant=None, matrix_dtype=Non
     if matrix_dtype is not None and (cfg.quant or quant):
         name = str(matrix_dtype).removeprefix("torch.")
         raise MedMoEError(f"{directory}: {name} weights (bf16w) need a float checkpoint, not a quantized one")
-    if cfg.quant and cfg.quant.bits == 4 and not kernels.check_int4_layout():
-        raise MedMoEError(f"{directory}: this torch packs int4 weights differently: re-run `medmoe convert --quantize int4`")
     model = empty_model(cfg)
     path = os.path.join(directory, "model.safetensors")
     if not os.path.exists(path):

@@ -1,7 +1,8 @@
-"""Weight-only int8/int4 quantization: the stored form against hand-checked bounds and torch's
-own int4 packer, every kernel path against the float computation on the dequantized weights
-(the oracle: a quantized layer must compute exactly what its dequantized float twin computes),
-quantized checkpoints written tensor by tensor, and their bad inputs."""
+"""Weight-only int8/int4 quantization: the stored form against hand-checked bounds and a
+byte-by-byte int4 layout, the int4 CPU kernel against x rounded as it rounds it, every kernel path
+against the float computation on the dequantized weights (the oracle: a quantized layer must
+compute what its dequantized float twin computes), quantized checkpoints written tensor by
+tensor, and their bad inputs."""
 
 import gc
 import json
@@ -45,35 +46,44 @@ def test_int8_is_per_channel_and_within_half_a_step():
 def test_int4_groups_within_half_a_step(group):
     w = torch.randn(2, 80, 128) + torch.linspace(-3, 3, 128)  # groups with offsets: zeros matter
     data, scales = kernels.quantize(w, 4, group)
-    assert data.dtype == torch.uint8 and data.shape == (2, 80, 64) and scales.shape == (2, 128 // group, 80, 2)
+    assert data.dtype == torch.uint8 and data.shape == (2, 80, 64) and scales.shape == (2, 20, 128 // group, 4, 2)
     q = kernels._unpack_int4(data)
     assert q.max() <= 15 and (q == 0).any() and (q == 15).any()
-    step = scales[..., 0].float().transpose(-1, -2).repeat_interleave(group, -1)  # [2, 80, 128]
-    zero = scales[..., 1].float().transpose(-1, -2).repeat_interleave(group, -1)
+    per_row = scales.float().transpose(-3, -2).reshape(2, 80, -1, 2).repeat_interleave(group, -2)  # [2, 80, 128, 2]
+    step, zero = per_row[..., 0], per_row[..., 1]
     err = (kernels.dequantize(data, scales) - w).abs()
     assert (err <= step * 0.51 + zero.abs() * 2**-8 + 8 * step * 2**-8 + 1e-6).all()
 
 
-@pytest.mark.parametrize("N", [64, 80, 128, 48, 16])
-def test_int4_unpack_inverts_torchs_packer(N):
-    q = torch.randint(0, 16, (N, 96), dtype=torch.int32)
-    assert torch.equal(kernels._unpack_int4(kernels._pack_int4(q)), q.to(torch.uint8))
-    assert kernels.check_int4_layout()
+def test_int4_layout_byte_by_byte():
+    """Tiles of 4 rows; in chunk c, row r's byte j holds inputs 64c+j (low nibble) and 64c+32+j
+    (high): int4_cpu.cpp's layout, spelled out one byte at a time."""
+    N, K = 8, 128
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = kernels._pack_int4(q).flatten().tolist()
+    i = 0
+    for t in range(N // 4):
+        for c in range(K // 64):
+            for r in range(4):
+                for j in range(32):
+                    assert data[i] == int(q[4 * t + r, 64 * c + j]) | int(q[4 * t + r, 64 * c + 32 + j]) << 4
+                    i += 1
+    assert torch.equal(kernels._unpack_int4(kernels._pack_int4(q)), q)
 
 
-@pytest.mark.parametrize("N", [128, 96])  # whole 64-row blocks (unpacked by expressions under compile) and a tail
+@pytest.mark.parametrize("N", [128, 12])
 def test_compiled_dequantize_equals_eager(N):
     data, scales = kernels.quantize(torch.randn(3, N, 64), 4, 32)
     assert torch.equal(torch.compile(kernels.dequantize, fullgraph=True)(data, scales), kernels.dequantize(data, scales))
 
 
 def test_unsupported_int4_shapes_are_value_errors():
-    with pytest.raises(ValueError, match="divisible by the group size"):
-        kernels.quantize(torch.randn(64, 48), 4, 32)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        kernels.quantize(torch.randn(64, 96), 4, 32)
     with pytest.raises(ValueError, match="group size"):
         kernels.quantize(torch.randn(64, 64), 4, 16)
-    with pytest.raises(ValueError, match="by 16"):
-        kernels.quantize(torch.randn(40, 64), 4, 32)
+    with pytest.raises(ValueError, match="by 4"):
+        kernels.quantize(torch.randn(42, 64), 4, 32)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -109,7 +119,7 @@ def test_only_rows_inductor_sums_in_one_chunk_take_the_fused_int8_loop():
     assert kernels.fused_dequantize(torch.zeros(1, kernels.INDUCTOR_SUM_CHUNK), data[:, : kernels.INDUCTOR_SUM_CHUNK])
     assert not kernels.fused_dequantize(torch.zeros(1, data.shape[1]), data)
     assert not kernels.fused_dequantize(torch.zeros(2, 64), data[:, :64])  # several rows: packed
-    assert not kernels.fused_dequantize(torch.zeros(1, 64), data[:, :32].view(torch.uint8))  # int4: packed
+    assert not kernels.fused_dequantize(torch.zeros(1, 64), data[:, :32].view(torch.uint8))  # int4: int4_rows
 
 
 @pytest.mark.parametrize("K", [kernels.INDUCTOR_SUM_CHUNK + 1, 9000])
@@ -123,7 +133,7 @@ def test_compiled_long_rows_are_summed_in_pieces_inductor_sums_in_one_go(K):
     assert "CascadeSumHelper" not in "\n".join(code)
 
 
-E, H, FF = 4, 64, 96
+E, H, FF = 4, 64, 128  # int4 wants input sizes divisible by 64
 
 
 def quantized_experts(bits, gated, bias, seed=0):
@@ -178,6 +188,54 @@ def test_compile_fullgraph_quantized_experts(impl, bits):
 def test_expert_qmm_opcheck(ids):
     data, scales = kernels.quantize(torch.randn(E, FF, H), 8)
     torch.library.opcheck(kernels._expert_qmm, (torch.randn(len(ids), H), data, scales, torch.tensor(ids)))
+
+
+needs_int4_kernel = pytest.mark.skipif(not kernels.has_int4_kernel(), reason="int4_cpu.cpp could not be built here")
+
+
+def x_rounded_as_the_int4_kernel_does(x):
+    """x [M, K] rounded to int8 with a scale per 32 inputs (amax / 127), written out in torch."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(blocks * (1 / scale)) * scale).reshape(x.shape)
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("group", kernels.INT4_GROUPS)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_computes_int8_rounded_x_times_the_dequantized_weights(group, rows, dtype):
+    """int4_rows rounds x to int8 (a scale per 32 inputs) and multiplies in integers: its answer is that rounded x
+    times (q - 8) * scale, plus x itself times the zeros (each group's sum of x), up to float rounding, in each of its
+    loops this CPU runs (portable, AVX2, AVX512-VNNI) alike. Against x times the dequantized weights it is off by x's
+    rounding only."""
+    g = torch.Generator().manual_seed(group + rows)
+    w = torch.randn(12, 768, generator=g) * 0.05 + torch.linspace(-0.2, 0.2, 768)  # offsets: the zero term matters
+    data, scales = kernels.quantize(w, 4, group)
+    x = (torch.randn(rows, 768, generator=g) * torch.linspace(0.1, 3, 768)).to(dtype)
+    dequantized = kernels.dequantize(data, scales).double()
+    zero = scales.double().transpose(-3, -2).reshape(12, -1, 2)[..., 1].repeat_interleave(group, -1)  # [12, 768]
+    want = x_rounded_as_the_int4_kernel_does(x).double() @ (dequantized - zero).T + x.double() @ zero.T
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    for loop in range(kernels.int4_cpu_library().int4_best_loop() + 1):
+        got = kernels.int4_rows(x, data, scales, loop)
+        assert got.dtype == dtype and got.shape == (rows, 12)
+        assert rel_err(got, want) < tol
+    assert rel_err(got, x.double() @ dequantized.T) < BF16_TOL
+
+
+@needs_int4_kernel
+def test_int4_rows_opcheck():
+    data, scales = kernels.quantize(torch.randn(16, 128), 4, 32)
+    torch.library.opcheck(kernels.int4_rows, (torch.randn(2, 128), data, scales))
+
+
+def test_without_the_int4_kernel_qlinear_dequantises(monkeypatch):
+    monkeypatch.setattr(kernels, "has_int4_kernel", lambda: False)
+    data, scales = kernels.quantize(torch.randn(16, 128), 4, 32)
+    x = torch.randn(1, 128)
+    assert torch.allclose(kernels.qlinear(x, data, scales), x @ kernels.dequantize(data, scales).T, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- models and checkpoints
@@ -237,7 +295,7 @@ def test_quantized_model_equals_its_dequantized_twin_and_stays_near_float(bits):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_quantized_decoding_is_one_graph_and_matches_eager(bits):
-    """int4 decodes through the packed kernel compiled or not; a compiled int8 step sums each row
+    """int4 decodes through int4_rows compiled or not; a compiled int8 step sums each row
     over the dequantised weights in fp32 (kernels.fused_int8), so its oracle is the fp32 twin."""
     torch._dynamo.reset()
     model = M.quantize(tiny_model(), M.QuantConfig(bits=bits, group_size=32))
@@ -365,6 +423,12 @@ def test_bad_quantization_inputs_are_one_line(tmp_path, float_ckpt):
     save_file({k: v.clone() for k, v in tensors.items() if k != "llm.layers.0.attn.q_proj.scales"}, tmp_path / "q" / "model.safetensors")
     with pytest.raises(M.MedMoEError, match=r"missing tensor 'llm\.layers\.0\.attn\.q_proj\.scales'"):
         M.load_model(tmp_path / "q")
+    # an int4 checkpoint from before the tiled layout (its quant config has no int4_layout)
+    run("convert", tmp_path / "old4", "--model", float_ckpt, "--quantize", "int4", "--group-size", "32")
+    config = json.loads((tmp_path / "old4" / "config.json").read_text())
+    del config["quant"]["int4_layout"]
+    (tmp_path / "old4" / "config.json").write_text(json.dumps(config))
+    clean_error(run("info", tmp_path / "old4"), "older layout", "re-run")
     # int4 on a matrix whose input size no group size divides
     model = tiny_model()
     model.cfg.llm.vocab_size = 256

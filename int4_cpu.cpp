@@ -1,0 +1,235 @@
+// A few rows of x (decoding) through an int4 weight on a CPU. kernels.py compiles this file once
+// per machine (kernels.int4_cpu_library) and calls it as torch.ops.medmoe.int4_rows.
+//
+// Why by hand: PyTorch's _weight_int4pack_mm_for_cpu (and torchao's int4 CPU layout, which calls
+// it) turns every int4 weight into a float and multiplies in floating point: ~35 G weights/s on
+// two cores, slower than memory delivers 4-bit weights. Here x is rounded to int8 as well (a scale
+// per 32 inputs, as llama.cpp's Q8_0 does) and the products are integer dot products: AVX512-VNNI's
+// vpdpbusd multiplies 64 byte pairs in one instruction, and the kernel keeps up with memory
+// (kernels.py and BENCHMARKS.md have the measurements). Without VNNI an AVX2 loop runs, and on
+// other CPUs a portable one, which also spells the arithmetic out one weight at a time.
+//
+// Layout (kernels._pack_int4): data [N/4][K/64][4][32] bytes: tiles of 4 rows; in chunk c each row
+// keeps inputs 64c..64c+63 in 32 bytes, byte j = q[64c+j] | q[64c+32+j] << 4. scales
+// [N/4][K/g][4][2] bf16: (scale, zero) per row and group of g inputs, w = (q - 8) * scale + zero.
+// A tile's bytes are one contiguous stream (its scales another): one stream per thread, read ahead.
+//
+// Per block b of 32 inputs, with x ~= sx[b] * xq:
+//     sum w x = scale * sx[b] * sum (q - 8) xq  +  zero * sum x
+// The zero term needs only each group's sum of x (xsum), computed once per row of x.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define AVX2 1
+#else
+#define AVX2 0
+#endif
+#if AVX2 && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
+#if AVX2
+#include <immintrin.h>
+#endif
+
+static inline float from_bf16(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+struct QuantizedRow {  // one row of x, rounded to int8
+  const int8_t* xq;    // [K]
+  const float* sx;     // [K/32] scale per 32-input block
+  const int32_t* acc0; // [K/4] -8 * each 4-input sum of xq (vpdpbusd's starting lanes, see below)
+  const float* xsum;   // [K/g] x's sum per group of g
+};
+
+static void quantize_row(const float* x, int K, int g, int8_t* xq, float* sx, int32_t* acc0, float* xsum) {
+  for (int b = 0; b < K / 32; b++) {
+    float amax = 0;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[32 * b + j]));
+    float s = amax > 0 ? amax / 127 : 1, inv = 1 / s;
+    sx[b] = s;
+    for (int j = 0; j < 32; j++) xq[32 * b + j] = (int8_t)nearbyintf(x[32 * b + j] * inv);
+  }
+  for (int l = 0; l < K / 4; l++) acc0[l] = -8 * (xq[4 * l] + xq[4 * l + 1] + xq[4 * l + 2] + xq[4 * l + 3]);
+  for (int gi = 0; gi < K / g; gi++) {
+    float s = 0;
+    for (int j = 0; j < g; j++) s += x[g * gi + j];
+    xsum[gi] = s;
+  }
+}
+
+// The arithmetic, one weight at a time: one 4-row tile times one row of x -> y[0..3]. Each block's
+// integer sum starts from its acc0 lanes (-8 * the sum of xq), as the vector version's does. (Written
+// as (q - 8) * xq instead, GCC 12 vectorised it with vpdpbusd, which takes q as unsigned: wrong sums.)
+static void tile_row_portable(const uint8_t* w, const uint16_t* sc, QuantizedRow x, int K, int g, float* y) {
+  for (int r = 0; r < 4; r++) {
+    float acc = 0;
+    for (int c = 0; c < K / 64; c++) {  // blocks 2c (the low nibbles) and 2c + 1 (the high ones)
+      const uint8_t* v = w + (4 * c + r) * 32;
+      const int8_t* xq = x.xq + 64 * c;
+      int lo = 0, hi = 0;
+      for (int l = 0; l < 8; l++) {
+        lo += x.acc0[16 * c + l];
+        hi += x.acc0[16 * c + 8 + l];
+      }
+      for (int j = 0; j < 32; j++) {
+        lo += (v[j] & 15) * xq[j];
+        hi += (v[j] >> 4) * xq[32 + j];
+      }
+      acc += from_bf16(sc[8 * (64 * c / g) + 2 * r]) * x.sx[2 * c] * lo;
+      acc += from_bf16(sc[8 * ((64 * c + 32) / g) + 2 * r]) * x.sx[2 * c + 1] * hi;
+    }
+    for (int gi = 0; gi < K / g; gi++) acc += from_bf16(sc[8 * gi + 2 * r + 1]) * x.xsum[gi];
+    y[r] = acc;
+  }
+}
+
+#if AVX2
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The same with AVX2, a row at a time: a row's 32 bytes of chunk c are one 256-bit vector, and
+// maddubs + madd add the products of 4 byte pairs into each 32-bit lane, as vpdpbusd does below.
+static void tile_row_avx2(const uint8_t* w, const uint16_t* sc, QuantizedRow x, int K, int g, float* y) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int c = 0; c < K / 64; c++) {
+    __m256i xlo = _mm256_loadu_si256((const __m256i*)(x.xq + 64 * c)), xhi = _mm256_loadu_si256((const __m256i*)(x.xq + 64 * c + 32));
+    __m256i alo = _mm256_loadu_si256((const __m256i*)(x.acc0 + 16 * c)), ahi = _mm256_loadu_si256((const __m256i*)(x.acc0 + 16 * c + 8));
+    const uint16_t *slo = sc + 8 * (64 * c / g), *shi = sc + 8 * ((64 * c + 32) / g);
+    for (int r = 0; r < 4; r++) {
+      const uint8_t* row = w + (4 * c + r) * 32;
+      _mm_prefetch((const char*)(row + 2048), _MM_HINT_T0);
+      __m256i v = _mm256_loadu_si256((const __m256i*)row);
+      __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      __m256i dlo = _mm256_add_epi32(alo, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xlo), ones));
+      __m256i dhi = _mm256_add_epi32(ahi, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xhi), ones));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dlo), _mm256_set1_ps(from_bf16(slo[2 * r]) * x.sx[2 * c]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dhi), _mm256_set1_ps(from_bf16(shi[2 * r]) * x.sx[2 * c + 1]), acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; r++) {
+    y[r] = hsum256(acc[r]);
+    for (int gi = 0; gi < K / g; gi++) y[r] += from_bf16(sc[8 * gi + 2 * r + 1]) * x.xsum[gi];
+  }
+}
+#endif
+
+#if VNNI
+
+// The same with AVX512-VNNI: rows 2p and 2p+1 of a tile are 64 adjacent bytes, so one 512-bit vector
+// holds a pair of rows (lanes 0-7 and 8-15), and vpdpbusd(acc, q, xq) adds the products of 4 byte
+// pairs into each 32-bit lane. Starting acc at -8 * those four xq's sum (acc0) subtracts the 8 for free.
+static void tile_row_vnni(const uint8_t* w, const uint16_t* sc, QuantizedRow x, int K, int g, float* y) {
+  const int blocks_per_group = g / 32;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i pair0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);  // row 0's scale, row 1's
+  const __m512i pair1 = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);  // row 2's, row 3's
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m256 zsum = _mm256_setzero_ps();  // lanes 2r+1: row r's sum of zero * xsum
+  __m256 s[2] = {zsum, zsum};         // the current group's (scale, zero) of the 4 rows, for each half
+  for (int c = 0; c < K / 64; c++) {
+    __m512 f[2][2];  // [half][pair]: scale * sx, per lane
+    for (int h = 0; h < 2; h++) {
+      int b = 2 * c + h;
+      if (b % blocks_per_group == 0) {
+        __m128i raw = _mm_loadu_si128((const __m128i*)(sc + 8 * (b / blocks_per_group)));
+        s[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));  // bf16 -> fp32
+        zsum = _mm256_fmadd_ps(s[h], _mm256_set1_ps(x.xsum[b / blocks_per_group]), zsum);
+      } else {
+        s[h] = s[1 - h];
+      }
+      __m512 v = _mm512_castps256_ps512(_mm256_mul_ps(s[h], _mm256_set1_ps(x.sx[b])));
+      f[h][0] = _mm512_permutexvar_ps(pair0, v);
+      f[h][1] = _mm512_permutexvar_ps(pair1, v);
+    }
+    __m512i xlo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(x.xq + 64 * c)));
+    __m512i xhi = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(x.xq + 64 * c + 32)));
+    __m512i alo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(x.acc0 + 16 * c)));
+    __m512i ahi = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(x.acc0 + 16 * c + 8)));
+    for (int p = 0; p < 2; p++) {
+      const uint8_t* pair = w + (4 * c + 2 * p) * 32;
+      _mm_prefetch((const char*)(pair + 2048), _MM_HINT_T0);  // 2 KiB ahead (into the next tile): +10% read speed
+      __m512i v = _mm512_loadu_si512(pair);
+      __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(alo, lo, xlo)), f[0][p], acc[p]);
+      acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(ahi, hi, xhi)), f[1][p], acc[p]);
+    }
+  }
+  float z[8];
+  _mm256_storeu_ps(z, zsum);
+  for (int p = 0; p < 2; p++) {
+    y[2 * p] = hsum256(_mm512_castps512_ps256(acc[p])) + z[4 * p + 1];
+    y[2 * p + 1] = hsum256(_mm512_extractf32x8_ps(acc[p], 1)) + z[4 * p + 3];
+  }
+}
+#endif
+
+typedef void (*TileRow)(const uint8_t*, const uint16_t*, QuantizedRow, int, int, float*);
+static const TileRow loops[] = {  // the best this build has last; int4_best_loop() says which that is
+    tile_row_portable,
+#if AVX2
+    tile_row_avx2,
+#endif
+#if VNNI
+    tile_row_vnni,
+#endif
+};
+
+// 0 portable, 1 AVX2, 2 AVX512-VNNI
+extern "C" int int4_best_loop() { return sizeof(loops) / sizeof(loops[0]) - 1; }
+
+// y [M, N] = x [M, K] @ w.T, w the int4 (data, scales) above. x and y are float32 (bf16 = 0) or
+// bf16 (bf16 = 1). loop: which of loops[] (tests compare them), up to int4_best_loop().
+extern "C" void int4_rows(const void* x, const uint8_t* data, const uint16_t* scales, void* y, int M, int N, int K, int g,
+                          int bf16, int threads, int loop) {
+  std::vector<int8_t> xq((size_t)M * K);
+  std::vector<float> sx((size_t)M * K / 32), xsum((size_t)M * K / g), row(K);
+  std::vector<int32_t> acc0((size_t)M * K / 4);
+  std::vector<QuantizedRow> rows(M);
+  for (int m = 0; m < M; m++) {
+    const float* xf = (const float*)x + (size_t)m * K;
+    if (bf16) {
+      for (int k = 0; k < K; k++) row[k] = from_bf16(((const uint16_t*)x)[(size_t)m * K + k]);
+      xf = row.data();
+    }
+    int8_t* q = &xq[(size_t)m * K];
+    float *s = &sx[(size_t)m * K / 32], *xs = &xsum[(size_t)m * K / g];
+    int32_t* a = &acc0[(size_t)m * K / 4];
+    quantize_row(xf, K, g, q, s, a, xs);
+    rows[m] = {q, s, a, xs};
+  }
+  const TileRow tile_row = loops[loop];
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < N / 4; t++) {
+    for (int m = 0; m < M; m++) {  // the tile stays in cache while each row of x passes through it
+      float out[4];
+      tile_row(data + (size_t)t * 2 * K, scales + (size_t)t * 8 * (K / g), rows[m], K, g, out);
+      for (int r = 0; r < 4; r++) {
+        size_t i = (size_t)m * N + 4 * t + r;
+        if (bf16)
+          ((uint16_t*)y)[i] = to_bf16(out[r]);
+        else
+          ((float*)y)[i] = out[r];
+      }
+    }
+  }
+}
