@@ -287,8 +287,9 @@ def dispatch_samples(experts, chosen, inputs, *args):
 # 17.3 (BENCHMARKS.md). fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
 # fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits per
 # tensor: SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used. int8 has no
-# hand-written kernel: an AVX-512 loop for one int8 row (four accumulators; or int16 x with VNNI)
-# read 14-20 GB/s where inductor's fused loop read 21 (2026-12-07, BENCHMARKS.md). int4 has one
+# hand-written kernel: AVX-512 loops for one int8 row read 14-20 GB/s where inductor's fused loop
+# read 21, and 24.7 against 22.3 (5632x2048) but 18.2 against the packed kernel's 21.0 (2048x5632)
+# at best (2026-12-07, BENCHMARKS.md): int8 is already near what memory gives it. int4 has one
 # (int4_cpu.cpp): PyTorch's int4 kernel is bound by its arithmetic (~35 G weights/s), ours, which
 # rounds x to int8 and multiplies integers, by memory. One row, 24 different 5632x2048 matrices
 # (bench/bench_kernels.py, 2 threads, AMD EPYC, 2026-12-07; summing 2 GiB read 36.0 GB/s): int4_rows
@@ -442,6 +443,9 @@ def has_int4_kernel() -> bool:
 
 
 def _int4_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tensor:
+    """x [M, K] @ w.T -> [M, N] in x's dtype, for an int4 (data [N, K/2], scales) on a CPU: int4_cpu.cpp,
+    x rounded to int8 (a scale per 32 inputs) and multiplied in integers. loop: 0 portable, 1 AVX2,
+    2 AVX512-VNNI, up to the best this CPU has (the default, -1)."""
     if x.dtype not in (torch.float32, torch.bfloat16):
         return _int4_rows(x.float(), data, scales, loop).to(x.dtype)
     x, data, scales = x.contiguous(), data.contiguous(), scales.contiguous()
@@ -453,16 +457,13 @@ def _int4_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tenso
     return y
 
 
-# Defined through torch.library.Library rather than custom_op (as expert_qmm is): a call costs 6 us
-# against custom_op's 17 (its wrappers), and a StableLM-shape int4 decode step makes ~200 of them.
+# int4_rows, opaque to torch.compile (one node in the decode graph). Defined through
+# torch.library.Library rather than custom_op (as expert_qmm is): a call costs 7.6 us against
+# custom_op's 17 (its wrappers), and a StableLM-shape int4 decode step makes ~200 of them.
 _library = torch.library.Library("medmoe", "FRAGMENT")
 _library.define("int4_rows(Tensor x, Tensor data, Tensor scales, int loop=-1) -> Tensor")
 _library.impl("int4_rows", _int4_rows, "CPU")
 int4_rows = torch.ops.medmoe.int4_rows.default
-int4_rows.__doc__ = """x [M, K] @ w.T -> [M, N] in x's dtype, for an int4 (data [N, K/2], scales) on a CPU: int4_cpu.cpp,
-x rounded to int8 (a scale per 32 inputs) and multiplied in integers. loop: one of INT4_LOOPS, up to
-the best this CPU has (the default). Opaque to torch.compile (one node in the decode graph)."""
-INT4_LOOPS = ("portable", "AVX2", "AVX512-VNNI")  # int4_cpu.cpp's loops[]
 
 
 @torch.library.register_fake("medmoe::int4_rows")
@@ -484,7 +485,7 @@ def fused_dequantize(x: Tensor, data: Tensor) -> bool:
     INDUCTOR_SUM_CHUNK stay packed: as one sum (inductor's cascade helper) the fused loop read
     7.4-7.9 GB/s against the packed kernel's 15.9-17.3 (2048x5632, 2560x10240: StableLM's and
     Phi-2's down projections), and summed in pieces (dot_rows) the int8 model decoded 4.36 tok/s
-    against 11.94. int4 runs int4_rows on a CPU (faster than any reduction inductor writes)."""
+    against 11.94. int4 runs int4_rows on a CPU."""
     if x.is_cuda:
         return guard_or_false(x.shape[0] <= FUSED_MAX_ROWS)
     return data.dtype == torch.int8 and x.shape[-1] <= INDUCTOR_SUM_CHUNK and guard_or_false(x.shape[0] == 1)
