@@ -417,10 +417,14 @@ def int4_cpu_library():
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        built = subprocess.run([cxx, *flags, source, "-o", tmp], capture_output=True, text=True)
-        if built.returncode:
-            warnings.warn(f"could not build int4_cpu.cpp ({cxx}): int4 weights are dequantised for every product (slow)\n"
-                          f"{built.stderr[-2000:]}", stacklevel=2)
+        try:
+            built = subprocess.run([cxx, *flags, source, "-o", tmp], capture_output=True, text=True)
+            error = built.stderr[-2000:] if built.returncode else None
+        except OSError as e:  # $CXX names no program
+            error = str(e)
+        if error is not None:
+            warnings.warn(f"could not build int4_cpu.cpp ({cxx}): int4 weights are dequantised for every product (slow)\n{error}",
+                          stacklevel=2)
             return None
         os.replace(tmp, path)  # atomic: another process building the same file at once is harmless
     library = ctypes.CDLL(path)

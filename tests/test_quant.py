@@ -231,6 +231,15 @@ def test_int4_rows_opcheck():
     torch.library.opcheck(kernels.int4_rows, (torch.randn(2, 128), data, scales))
 
 
+@pytest.mark.parametrize("cxx", ["/nonexistent/c++", "false"])  # no such program; a compiler that fails
+def test_an_int4_kernel_that_cannot_be_built_is_a_warning(monkeypatch, tmp_path, cxx):
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv("MEDMOE_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="could not build int4_cpu.cpp"):
+        assert kernels.int4_cpu_library.__wrapped__() is None
+    assert os.listdir(tmp_path) == []
+
+
 def test_without_the_int4_kernel_qlinear_dequantises(monkeypatch):
     monkeypatch.setattr(kernels, "has_int4_kernel", lambda: False)
     data, scales = kernels.quantize(torch.randn(16, 128), 4, 32)
