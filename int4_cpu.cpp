@@ -73,6 +73,13 @@ static void quantize_row(const float* x, int K, int g, int8_t* xq, float* sx, in
   }
 }
 
+// Row r's sum over groups of zero * (x's sum over the group)
+static float zero_term(const uint16_t* sc, QuantizedRow x, int K, int g, int r) {
+  float sum = 0;
+  for (int gi = 0; gi < K / g; gi++) sum += from_bf16(sc[8 * gi + 2 * r + 1]) * x.xsum[gi];
+  return sum;
+}
+
 // The arithmetic, one weight at a time: one 4-row tile times one row of x -> y[0..3]. Each block's
 // integer sum starts from its acc0 lanes (-8 * the sum of xq), as the vector version's does. (Written
 // as (q - 8) * xq instead, GCC 12 vectorised it with vpdpbusd, which takes q as unsigned: wrong sums.)
@@ -94,8 +101,7 @@ static void tile_row_portable(const uint8_t* w, const uint16_t* sc, QuantizedRow
       acc += from_bf16(sc[8 * (64 * c / g) + 2 * r]) * x.sx[2 * c] * lo;
       acc += from_bf16(sc[8 * ((64 * c + 32) / g) + 2 * r]) * x.sx[2 * c + 1] * hi;
     }
-    for (int gi = 0; gi < K / g; gi++) acc += from_bf16(sc[8 * gi + 2 * r + 1]) * x.xsum[gi];
-    y[r] = acc;
+    y[r] = acc + zero_term(sc, x, K, g, r);
   }
 }
 
@@ -127,8 +133,7 @@ static void tile_row_avx2(const uint8_t* w, const uint16_t* sc, QuantizedRow x, 
     }
   }
   for (int r = 0; r < 4; r++) {
-    y[r] = hsum256(acc[r]);
-    for (int gi = 0; gi < K / g; gi++) y[r] += from_bf16(sc[8 * gi + 2 * r + 1]) * x.xsum[gi];
+    y[r] = hsum256(acc[r]) + zero_term(sc, x, K, g, r);
   }
 }
 #endif
