@@ -498,8 +498,7 @@ INDUCTOR_SUM_CHUNK = 4096
 
 
 def dot_rows(x: Tensor, w: Tensor) -> Tensor:
-    """x [R, K] times w [N, K], or row r times its own matrix w[r] when w is [R, N, K]: -> [R, N] fp32
-    (more leading dimensions broadcast alike: medmoe.one_row_attention's heads).
+    """x [R, K] times w [N, K], or row r times its own matrix w[r] when w is [R, N, K]: -> [R, N] fp32.
     Written as a product and a sum, so that inductor makes it one reduction kernel that reads each
     weight once and accumulates in fp32, with whatever made w (a dtype cast, a dequantisation,
     an expert gather w[idx]) fused into its loads: nothing the size of a weight is written.

@@ -246,16 +246,18 @@ def apply_rotary(x, cos, sin):
 
 
 def one_row_attention(q, k, v, mask):
-    """SDPA for one decoded token q [B, H, 1, D] over the cache k, v [B, KVH, S, D], written as
-    products and sums in fp32, which inductor fuses into a few reductions over the cache. SDPA's CPU
-    kernel is made for blocks of queries: for one row over a 256-long bf16 cache (32 heads of 64)
-    it took 0.59-0.76 ms against 0.15 ms for this, 2 threads (BENCHMARKS.md)."""
+    """SDPA for one decoded token q [B, H, 1, D] over the cache k, v [B, KVH, S, D], computed as
+    transformers' eager attention does: both products as matmuls in the cache's dtype, the softmax in
+    fp32. SDPA's CPU kernel is made for blocks of queries: for one row over a 256-long bf16 cache (32
+    heads of 64) it took 0.59-0.76 ms against 0.15 ms for products and sums. Those, written out for
+    inductor, stored each head's products before summing them; as matmuls the StableLM-shape decode
+    step ran 1.09-1.26x faster (compiled, round-robin, the same tokens; BENCHMARKS.md)."""
     B, H, _, D = q.shape
     kvh = k.shape[1]
     q = q.view(B, kvh, H // kvh, D)  # grouped-query heads share their key/value head
-    att = kernels.dot_rows(q, k[:, :, None]) * D**-0.5  # [B, KVH, H/KVH, S]
+    att = (q @ k.transpose(-1, -2)).float() * D**-0.5  # [B, KVH, H/KVH, S]
     att = att.masked_fill(~mask, float("-inf")).softmax(-1)  # mask [B, 1, 1, S]
-    return (att[..., None] * v[:, :, None].float()).sum(-2).view(B, H, 1, D).to(v.dtype)
+    return (att.to(v.dtype) @ v).view(B, H, 1, D)
 
 
 class KVCache(nn.Module):

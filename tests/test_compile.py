@@ -53,6 +53,9 @@ def test_one_row_attention_equals_sdpa_with_grouped_heads_and_padding():
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
         for fn in (M.one_row_attention, compiled):
             assert torch.allclose(fn(q, k, v, mask), want, atol=1e-5)
+            # a bf16 cache: scores and probabilities rounded to bf16, as transformers' eager attention rounds them
+            got = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+            assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, atol=3e-2)
 
 
 def test_compiled_batched_decoding_with_grouped_heads_matches_eager():
