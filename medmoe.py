@@ -251,7 +251,8 @@ def one_row_attention(q, k, v, mask):
     fp32. SDPA's CPU kernel is made for blocks of queries: for one row over a 256-long bf16 cache (32
     heads of 64) it took 0.59-0.76 ms against 0.15 ms for products and sums. Those, written out for
     inductor, stored each head's products before summing them; as matmuls the StableLM-shape decode
-    step ran 1.09-1.26x faster (compiled, round-robin, the same tokens; BENCHMARKS.md)."""
+    step ran 1.09-1.26x faster (compiled, round-robin, the same tokens; SmolLM2, whose cache is 256
+    long: fp32 1.07x, bf16 0.97x, within its noise; BENCHMARKS.md)."""
     B, H, _, D = q.shape
     kvh = k.shape[1]
     q = q.view(B, kvh, H // kvh, D)  # grouped-query heads share their key/value head
