@@ -405,17 +405,17 @@ def int4_cpu_library():
     the library is kept in $MEDMOE_CACHE (~/.cache/medmoe), named by a hash of the source and of what
     it was built for. None, with a warning, where it cannot be built: int4 then dequantises."""
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int4_cpu.cpp")
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"  # a missing one fails below, with the warning
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join([str(cxx), *flags, platform.machine(), platform.processor(), _cpu_flags()]).encode())
+        key = hashlib.sha256(f.read() + " ".join([cxx, *flags, platform.machine(), platform.processor(), _cpu_flags()]).encode())
     cache = os.environ.get("MEDMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medmoe")
     path = os.path.join(cache, f"int4_cpu-{key.hexdigest()[:16]}.so")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            built = subprocess.run([cxx or "c++", *flags, source, "-o", tmp], capture_output=True, text=True)
+            built = subprocess.run([cxx, *flags, source, "-o", tmp], capture_output=True, text=True)
             error = built.stderr[-2000:] if built.returncode else None
         except OSError as e:  # no compiler, or $CXX names no program
             error = str(e)

@@ -248,11 +248,10 @@ def apply_rotary(x, cos, sin):
 def one_row_attention(q, k, v, mask):
     """SDPA for one decoded token q [B, H, 1, D] over the cache k, v [B, KVH, S, D], computed as
     transformers' eager attention does: both products as matmuls in the cache's dtype, the softmax in
-    fp32. SDPA's CPU kernel is made for blocks of queries: for one row over a 256-long bf16 cache (32
-    heads of 64) it took 0.59-0.76 ms against 0.15 ms for products and sums. Those, written out for
-    inductor, stored each head's products before summing them; as matmuls the StableLM-shape decode
-    step ran 1.09-1.26x faster (compiled, round-robin, the same tokens; SmolLM2, whose cache is 256
-    long: fp32 1.07x, bf16 0.97x, within its noise; BENCHMARKS.md)."""
+    fp32. SDPA's CPU kernel is made for blocks of queries (one row over a 256-long bf16 cache: 0.59-0.76
+    ms against 0.15 ms), and products and sums written out for inductor had it store each head's
+    products before summing them: as matmuls the StableLM-shape decode step ran 1.09-1.26x faster
+    (compiled, round-robin, the same tokens; BENCHMARKS.md)."""
     B, H, _, D = q.shape
     kvh = k.shape[1]
     q = q.view(B, kvh, H // kvh, D)  # grouped-query heads share their key/value head
