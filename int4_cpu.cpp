@@ -57,6 +57,14 @@ struct QuantizedRow {  // one row of x, rounded to int8
   const float* xsum;   // [K/g] x's sum per group of g
 };
 
+// Every call rounds its rows of x (~200 calls a decoded token). GCC vectorises these loops only when
+// told that x holds no NaN or infinity and that xsum's sums may be reassociated (their last bits
+// change; xq and sx do not): one row through a 4-row, 2048-wide matrix, nearly all of it this
+// rounding, then takes 3.5 us instead of 7.2 (AVX-512; built for AVX2, 3.9 against 7.6). Not
+// -ffast-math, which would also let 1 / s be approximated: xq must be what the tests round to.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-trapping-math", "finite-math-only", "no-signed-zeros", "associative-math")))
+#endif
 static void quantize_row(const float* x, int K, int g, int8_t* xq, float* sx, int32_t* acc0, float* xsum) {
   for (int b = 0; b < K / 32; b++) {
     float amax = 0;
