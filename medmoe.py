@@ -719,6 +719,7 @@ class MedMoE(nn.Module):
         options = DECODE_COMPILE_OPTIONS | ({"triton.cudagraphs": True} if embeds.is_cuda else {})
         decode = torch.compile(self.decode_step, dynamic=False, options=options) if compile else self.decode_step
         self.llm.setup_cache(B, cache_len, embeds.dtype, embeds.device)
+        cache = self.llm.layers[0].attn.kv_cache  # the model holds one stream's cache at a time
         try:
             key_valid = torch.zeros(B, cache_len, dtype=torch.bool, device=embeds.device)
             key_valid[:, :T] = valid
@@ -733,12 +734,15 @@ class MedMoE(nn.Module):
                 yield tok
                 if done.all() or step == total - T - 1:
                     break
+                if self.llm.layers[0].attn.kv_cache is not cache:  # decoding on would read another stream's keys
+                    raise MedMoEError("this model began another generate_stream: it decodes one stream at a time")
                 input_pos = input_pos[-1:] + 1
                 positions = positions[:, -1:] + 1
                 key_valid[:, input_pos] = True
                 logits = decode(tok, positions, key_valid, input_pos)
         finally:
-            self.llm.clear_cache()
+            if self.llm.layers[0].attn.kv_cache is cache:  # not a newer stream's
+                self.llm.clear_cache()
 
     def decode_step(self, tok, positions, key_valid, input_pos):
         """One new token per row through the cached LLM -> next-token logits [B, V]."""

@@ -154,6 +154,23 @@ def test_generation_stops_at_stop_tokens():
     assert stopped[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
 
 
+def test_a_newer_stream_keeps_its_cache_and_the_older_one_stops_with_an_error():
+    """The KV cache lives in the model: a second generate_stream replaces the first one's. Dropping the first
+    (its cleanup) must not clear the second's, and resuming the first must not decode from the second's keys."""
+    torch.manual_seed(0)
+    model = M.MedMoE(M.Config(llm=tiny_llm())).eval()
+    alone = model.generate([[4, 5, 6]], max_new_tokens=6, stop_ids=[])[0]
+    first = model.generate_stream([[1, 2, 3]], max_new_tokens=6, stop_ids=[])
+    next(first)
+    second = model.generate_stream([[4, 5, 6]], max_new_tokens=6, stop_ids=[])
+    got = [int(next(second))]
+    with pytest.raises(M.MedMoEError, match="one stream at a time"):
+        next(first)
+    del first
+    got += [int(t) for t in second]
+    assert got == alone
+
+
 def test_prompt_errors_are_clear():
     torch.manual_seed(0)
     model = M.MedMoE(M.Config(llm=tiny_llm(max_seq_len=16))).eval()
