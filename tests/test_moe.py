@@ -156,19 +156,23 @@ def test_generation_stops_at_stop_tokens():
 
 def test_a_newer_stream_keeps_its_cache_and_the_older_one_stops_with_an_error():
     """The KV cache lives in the model: a second generate_stream replaces the first one's. Dropping the first
-    (its cleanup) must not clear the second's, and resuming the first must not decode from the second's keys."""
+    (its cleanup) must not clear the second's, and resuming an older one must not decode from a newer one's keys."""
     torch.manual_seed(0)
     model = M.MedMoE(M.Config(llm=tiny_llm())).eval()
-    alone = model.generate([[4, 5, 6]], max_new_tokens=6, stop_ids=[])[0]
+    alone = {p: model.generate([list(p)], max_new_tokens=6, stop_ids=[])[0] for p in [(1, 2, 3), (4, 5, 6)]}
     first = model.generate_stream([[1, 2, 3]], max_new_tokens=6, stop_ids=[])
     next(first)
     second = model.generate_stream([[4, 5, 6]], max_new_tokens=6, stop_ids=[])
     got = [int(next(second))]
+    del first  # closed while suspended at a token: its cleanup runs now
+    got.append(int(next(second)))
+    assert got == alone[4, 5, 6][:2]
+    third = model.generate_stream([[1, 2, 3]], max_new_tokens=6, stop_ids=[])
+    got = [int(next(third))]
     with pytest.raises(M.MedMoEError, match="one stream at a time"):
-        next(first)
-    del first
-    got += [int(t) for t in second]
-    assert got == alone
+        next(second)
+    got += [int(t) for t in third]
+    assert got == alone[1, 2, 3]
 
 
 def test_prompt_errors_are_clear():
