@@ -246,12 +246,10 @@ def apply_rotary(x, cos, sin):
 
 
 def one_row_attention(q, k, v, mask):
-    """SDPA for one decoded token q [B, H, 1, D] over the cache k, v [B, KVH, S, D], computed as
-    transformers' eager attention does: both products as matmuls in the cache's dtype, the softmax in
-    fp32. SDPA's CPU kernel is made for blocks of queries (one row over a 256-long bf16 cache: 0.59-0.76
-    ms against 0.15 ms), and products and sums written out for inductor had it store each head's
-    products before summing them: as matmuls the StableLM-shape decode step ran 1.09-1.26x faster
-    (compiled, round-robin, the same tokens; BENCHMARKS.md)."""
+    """SDPA for one decoded token q [B, H, 1, D] over the cache k, v [B, KVH, S, D], as transformers'
+    eager attention computes it: matmuls in the cache's dtype, the softmax in fp32. SDPA's CPU kernel
+    is made for blocks of queries, and products and sums written out for inductor were stored before
+    being summed: this form decodes fastest (BENCHMARKS.md, sixth session)."""
     B, H, _, D = q.shape
     kvh = k.shape[1]
     q = q.view(B, kvh, H // kvh, D)  # grouped-query heads share their key/value head
@@ -550,13 +548,19 @@ class LLM(nn.Module):
             self.layers[i].ffn = MoE(self.cfg, moe, dense=self.layers[i].ffn)
 
     def setup_cache(self, batch, max_len, dtype, device):
+        """Fresh caches for one stream, replacing any other stream's; returns the first, which names them."""
         c = self.cfg
         for b in self.layers:
             b.attn.kv_cache = KVCache(batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
+        return self.layers[0].attn.kv_cache
 
-    def clear_cache(self):
-        for b in self.layers:
-            b.attn.kv_cache = None
+    def holds_cache(self, cache):
+        return self.layers[0].attn.kv_cache is cache
+
+    def clear_cache(self, cache):
+        if self.holds_cache(cache):  # not a newer stream's
+            for b in self.layers:
+                b.attn.kv_cache = None
 
     def forward(self, embeds, positions=None, key_valid=None, input_pos=None, last_only=False, router_logits=False):
         """embeds [B, T, H]; positions [B, T] rotary positions; key_valid [B, S] marks real
@@ -718,8 +722,7 @@ class MedMoE(nn.Module):
         cache_len = min(-(-total // 256) * 256, self.cfg.llm.max_seq_len) if compile else total
         options = DECODE_COMPILE_OPTIONS | ({"triton.cudagraphs": True} if embeds.is_cuda else {})
         decode = torch.compile(self.decode_step, dynamic=False, options=options) if compile else self.decode_step
-        self.llm.setup_cache(B, cache_len, embeds.dtype, embeds.device)
-        cache = self.llm.layers[0].attn.kv_cache  # the model holds one stream's cache at a time
+        cache = self.llm.setup_cache(B, cache_len, embeds.dtype, embeds.device)  # one stream's at a time
         try:
             key_valid = torch.zeros(B, cache_len, dtype=torch.bool, device=embeds.device)
             key_valid[:, :T] = valid
@@ -734,15 +737,14 @@ class MedMoE(nn.Module):
                 yield tok
                 if done.all() or step == total - T - 1:
                     break
-                if self.llm.layers[0].attn.kv_cache is not cache:  # decoding on would read another stream's keys
+                if not self.llm.holds_cache(cache):  # decoding on would read another stream's keys
                     raise MedMoEError("this model began another generate_stream: it decodes one stream at a time")
                 input_pos = input_pos[-1:] + 1
                 positions = positions[:, -1:] + 1
                 key_valid[:, input_pos] = True
                 logits = decode(tok, positions, key_valid, input_pos)
         finally:
-            if self.llm.layers[0].attn.kv_cache is cache:  # not a newer stream's
-                self.llm.clear_cache()
+            self.llm.clear_cache(cache)
 
     def decode_step(self, tok, positions, key_valid, input_pos):
         """One new token per row through the cached LLM -> next-token logits [B, V]."""
