@@ -127,7 +127,7 @@ def _moe_gather(x, idx, weight, weights, act):
 
     def linear(a, w, b):
         # one reduction per projection (dot_rows), the gather and any dequantisation in its loads
-        if a.is_cuda or (isinstance(w, tuple) and fused_dequantize(a, w[0])):
+        if a.is_cuda:
             y = (qdot_rows(a, *(t[flat] for t in w)) if isinstance(w, tuple) else dot_rows(a, w[flat])).to(a.dtype)
         elif isinstance(w, tuple):  # quantized: no bmm over int weights; one opaque op per projection
             y = _expert_qmm(a, *w, flat)
@@ -268,9 +268,9 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #   int8  data int8  [..., N, K], scales [..., N]: w = data * scale, per output channel (symmetric)
 #   int4  data uint8 [..., N, K/2], scales [..., N/4, K/g, 4, 2] = (scale, zero) per row and group of
 #         g inputs: w = (q - 8) * scale + zero. Data and scales in tiles of 4 rows, the layout
-#         int4_cpu.cpp reads (_pack_int4).
-# Scales are kept in bf16, the dtype the CPU kernels are fast in. Decoding (a few rows) runs
-# PyTorch's int8 kernel or our int4 one (int4_rows); a compiled step: fused_dequantize. More rows
+#         quant_cpu.cpp reads (_pack_int4).
+# Scales are kept in bf16, the dtype the CPU kernels are fast in. Decoding (a few rows) runs our
+# kernels (quant_rows) on a CPU, a fused dequantisation in a compiled CUDA step (qlinear). More rows
 # (prefill, the vision tower) dequantise once per call and run the float GEMM. Measured on the
 # 2-core AVX512/AMX CPU, 2 threads, one 5632x2048 matrix (ms; it stays in the 480 MiB L3: streamed
 # from memory, int8 decode read 10-11 GB/s against bf16's 14, BENCHMARKS.md):
@@ -286,17 +286,21 @@ def dispatch_samples(experts, chosen, inputs, *args):
 # 5.4 GB/s eager and 14.8 compiled against 17.3 / 18.0 here; the int4 CPU layout 15.9 / 14.1 against
 # 17.3 (BENCHMARKS.md). fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
 # fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits per
-# tensor: SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used. int8 has no
-# hand-written kernel: AVX-512 loops for one int8 row read 14-20 GB/s where inductor's fused loop
-# read 21, and 24.7 against 22.3 (5632x2048) but 18.2 against the packed kernel's 21.0 (2048x5632)
-# at best (2026-12-07, BENCHMARKS.md): int8 is already near what memory gives it. int4 has one
-# (int4_cpu.cpp): PyTorch's int4 kernel is bound by its arithmetic (~35 G weights/s), ours, which
-# rounds x to int8 and multiplies integers, by memory. One row, 24 different 5632x2048 matrices
-# (bench/bench_kernels.py, 2 threads, AMD EPYC, 2026-12-07; summing 2 GiB read 36.0 GB/s): int4_rows
-# 26.8 GB/s of int4 weights (its AVX2 loop 22.4, its portable one 11.7) against
-# _weight_int4pack_mm_for_cpu's 18.3 on the same weights. Its rounding of x, on SmolLM2 (int4, groups
-# of 32): perplexity 15.095 against 15.035 dequantised (fp32 15.002), tests/test_real_weights.py.
-INT8_PACKED_MAX_ROWS = 8
+# tensor: SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used.
+# Our own kernels (quant_cpu.cpp) round x with a scale per 32 inputs instead, and multiply integers:
+# PyTorch's int4 kernel is bound by its arithmetic (~35 G weights/s), and its int8 one reads at
+# half of what memory gives. One row, 24 different matrices (bench/bench_kernels.py, 2 threads,
+# AMD EPYC, 2026-12-07), in GB/s of weights read:
+#                                    quant_rows  (AVX2 loop, portable)   PyTorch's kernel   sum of 2 GiB
+#   int4 g64, 5632x2048, x to int8      26.8       (22.4, 11.7)              18.3               36.0
+#   int8, 5632x2048, x to int16         45.7       (43.2, 28.9)              18.3               55.4
+#   int8, 2048x5632                     44.1       (42.2, 29.8)              24.8               55.5
+# (inductor's fused loop over int8 weights, which a compiled CPU step ran before: 28.7 and 12.5.)
+# x is rounded to int8 for int4 weights: on SmolLM2 (groups of 32) perplexity 15.095 against 15.035
+# dequantised (fp32 15.002), tests/test_real_weights.py. For int8 weights to int16, as fast and
+# 250x closer: rounded to int8, SmolLM2's one-row logits along fp32's greedy path chose another
+# token than fp32 in 23 of 300 steps, at int16 in 15, through PyTorch's kernel (bf16 x) in 14.
+INT8_KERNEL_MAX_ROWS = 8  # quant_rows (or the packed kernel); beyond, dequantising was faster
 INT4_KERNEL_MAX_ROWS = 128
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_LAYOUT = 2  # stored in checkpoints (QuantConfig.int4_layout): 1 was PyTorch's _convert_weight_to_int4pack_for_cpu
@@ -341,7 +345,7 @@ def _quantize_rows(w, bits, group):
 def _pack_int4(q):
     """[..., N, K] values 0..15 -> [..., N/4, K/64, 4, 32] bytes, viewed [..., N, K/2]: tiles of 4 rows,
     each row's inputs 64c..64c+63 in 32 bytes, input 64c+j in the low nibble of byte j and 64c+32+j in
-    the high one (int4_cpu.cpp reads a pair of rows' 64 bytes as one vector)."""
+    the high one (quant_cpu.cpp reads a pair of rows' 64 bytes as one vector)."""
     *lead, N, K = q.shape
     q = q.to(torch.uint8).reshape(*lead, N // 4, 4, K // 64, 2, 32)
     return (q[..., 0, :] | q[..., 1, :] << 4).transpose(-3, -2).reshape(*lead, N, K // 2)
@@ -376,23 +380,27 @@ def group_size(data, scales):
 
 
 def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] @ w.T (+ bias) for a quantized w. A compiled decode step runs qdot_rows where
-    fused_dequantize says so (one fused kernel); otherwise a few rows on CPU go through int4_rows or
-    PyTorch's packed int8 kernel (in bf16, where it is fast, whatever x's dtype), and other cases
-    dequantise. On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4)
-    that read int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU
+    """x [..., K] @ w.T (+ bias) for a quantized w. A few rows on CPU go through quant_rows, compiled
+    or not (without a C++ compiler int8 runs PyTorch's packed kernel, in bf16 where it is fast,
+    whatever x's dtype). There it beat inductor's fused loop too: with the fused loop for the one-row
+    int8 products up to 4096 long, the StableLM-shape int8 model's step took 61-70 ms against 55-65,
+    slower in 6 of 8 rounds alternating step by step (BENCHMARKS.md). A compiled CUDA decode step
+    runs qdot_rows (one fused kernel) for up to FUSED_MAX_ROWS rows; other cases dequantise. On an
+    H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4) that read int8
+    weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU
     int8 and int4 save memory, not time. PyTorch's own CUDA kernels were measured too:
     _weight_int8pack_mm read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead for
     int4 on CUDA, but it needs its own tiled layout (repacked at load) and one matrix per call (not
     the gathered experts), so it is not wired in yet."""
     x2 = x.reshape(-1, x.shape[-1])
-    rows, cpu = x2.shape[0], x.device.type == "cpu"
-    if torch.compiler.is_compiling() and fused_dequantize(x2, data):
+    rows, cpu, int8 = x2.shape[0], x.device.type == "cpu", data.dtype == torch.int8
+    kernel_max_rows = INT8_KERNEL_MAX_ROWS if int8 else INT4_KERNEL_MAX_ROWS
+    if torch.compiler.is_compiling() and x.is_cuda and guard_or_false(rows <= FUSED_MAX_ROWS):
         y = qdot_rows(x2, data, scales).to(x.dtype)
-    elif cpu and data.dtype == torch.int8 and rows <= INT8_PACKED_MAX_ROWS:
+    elif cpu and rows <= kernel_max_rows and x.shape[-1] % 64 == 0 and has_quant_kernels():
+        y = quant_rows(x2, data, scales)
+    elif cpu and int8 and rows <= INT8_KERNEL_MAX_ROWS:  # where quant_cpu.cpp could not be built
         y = torch._weight_int8pack_mm(x2.to(scales.dtype).contiguous(), data, scales).to(x.dtype)
-    elif cpu and data.dtype == torch.uint8 and rows <= INT4_KERNEL_MAX_ROWS and has_int4_kernel():
-        y = int4_rows(x2, data, scales)
     else:
         y = F.linear(x2, dequantize(data, scales, x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
@@ -400,17 +408,18 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
 
 
 @functools.cache
-def int4_cpu_library():
-    """int4_cpu.cpp built for this CPU with the C++ compiler inductor uses too ($CXX or g++), once:
+def quant_cpu_library():
+    """quant_cpu.cpp built for this CPU with the C++ compiler inductor uses too ($CXX or g++), once:
     the library is kept in $MEDMOE_CACHE (~/.cache/medmoe), named by a hash of the source and of what
-    it was built for. None, with a warning, where it cannot be built: int4 then dequantises."""
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int4_cpu.cpp")
+    it was built for. None, with a warning, where it cannot be built: int4 then dequantises, int8
+    runs PyTorch's kernel."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_cpu.cpp")
     cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"  # a missing one fails below, with the warning
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + " ".join([cxx, *flags, platform.machine(), platform.processor(), _cpu_flags()]).encode())
     cache = os.environ.get("MEDMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medmoe")
-    path = os.path.join(cache, f"int4_cpu-{key.hexdigest()[:16]}.so")
+    path = os.path.join(cache, f"quant_cpu-{key.hexdigest()[:16]}.so")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -420,12 +429,13 @@ def int4_cpu_library():
         except OSError as e:  # no compiler, or $CXX names no program
             error = str(e)
         if error is not None:
-            warnings.warn(f"could not build int4_cpu.cpp ({cxx}): int4 weights are dequantised for every product (slow)\n{error}",
+            warnings.warn(f"could not build quant_cpu.cpp ({cxx}): int4 weights are dequantised for every product (slow)\n{error}",
                           stacklevel=2)
             return None
         os.replace(tmp, path)  # atomic: another process building the same file at once is harmless
     library = ctypes.CDLL(path)
     library.int4_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
+    library.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     return library
 
 
@@ -439,57 +449,44 @@ def _cpu_flags():
 
 
 @torch.compiler.assume_constant_result
-def has_int4_kernel() -> bool:
-    return int4_cpu_library() is not None
+def has_quant_kernels() -> bool:
+    return quant_cpu_library() is not None
 
 
-def _int4_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tensor:
-    """x [M, K] @ w.T -> [M, N] in x's dtype, for an int4 (data [N, K/2], scales) on a CPU: int4_cpu.cpp,
-    x rounded to int8 (a scale per 32 inputs) and multiplied in integers. loop: 0 portable, 1 AVX2,
-    2 AVX512-VNNI, up to the best this CPU has (the default, -1)."""
+def _quant_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tensor:
+    """x [M, K] @ w.T -> [M, N] in x's dtype, for an int8 or int4 (data, scales) on a CPU: quant_cpu.cpp,
+    x rounded to int16 (int8 weights) or int8 (int4 weights), a scale per 32 inputs, and multiplied in
+    integers. loop: 0 portable, 1 AVX2, 2 AVX512-VNNI, up to the best this CPU has (the default, -1)."""
     if x.dtype not in (torch.float32, torch.bfloat16):
-        return _int4_rows(x.float(), data, scales, loop).to(x.dtype)
+        return _quant_rows(x.float(), data, scales, loop).to(x.dtype)
     x, data, scales = x.contiguous(), data.contiguous(), scales.contiguous()
     (M, K), N = x.shape, data.shape[-2]
     y = x.new_empty(M, N)
-    library = int4_cpu_library()
-    library.int4_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, group_size(data, scales),
-                      x.dtype == torch.bfloat16, torch.get_num_threads(), library.int4_best_loop() if loop < 0 else loop)
+    library, bf16, threads = quant_cpu_library(), x.dtype == torch.bfloat16, torch.get_num_threads()
+    loop = library.best_loop() if loop < 0 else loop
+    if data.dtype == torch.int8:
+        library.int8_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, bf16, threads, loop)
+    else:
+        library.int4_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, group_size(data, scales),
+                          bf16, threads, loop)
     return y
 
 
-# int4_rows, opaque to torch.compile (one node in the decode graph). Defined through
+# quant_rows, opaque to torch.compile (one node in the decode graph). Defined through
 # torch.library.Library rather than custom_op (as expert_qmm is): a call costs 7.6 us against
 # custom_op's 17 (its wrappers), and a StableLM-shape int4 decode step makes ~200 of them.
 _library = torch.library.Library("medmoe", "FRAGMENT")
-_library.define("int4_rows(Tensor x, Tensor data, Tensor scales, int loop=-1) -> Tensor")
-_library.impl("int4_rows", _int4_rows, "CPU")
-int4_rows = torch.ops.medmoe.int4_rows.default
+_library.define("quant_rows(Tensor x, Tensor data, Tensor scales, int loop=-1) -> Tensor")
+_library.impl("quant_rows", _quant_rows, "CPU")
+quant_rows = torch.ops.medmoe.quant_rows.default
 
 
-@torch.library.register_fake("medmoe::int4_rows")
+@torch.library.register_fake("medmoe::quant_rows")
 def _(x, data, scales, loop=-1):
     return x.new_empty(x.shape[0], data.shape[-2])
 
 
 FUSED_MAX_ROWS = 16  # rows of x that a compiled CUDA decode step runs through dot_rows (dequantised in its loads)
-
-
-def fused_dequantize(x: Tensor, data: Tensor) -> bool:
-    """Whether a compiled decode step runs rows x [R, K] through quantized weights as qdot_rows (one
-    reduction whose loads read the integers and scales as it sums) rather than a packed kernel: on
-    CUDA up to FUSED_MAX_ROWS rows; on a CPU one row through int8 weights.
-    Over 24 different 5632x2048 int8 matrices (2 threads, AMD EPYC, 2026-12-07) that read 21.0 GB/s
-    with bf16 x and 26.1 with fp32 x (x's conversion otherwise sits in every row's loop), against
-    _weight_int8pack_mm's 15.1; the StableLM-shape int8 model decoded 8.4-8.6 tok/s so, compiled,
-    against 7.4-7.7 eager through the packed kernel (BENCHMARKS.md). Rows longer than
-    INDUCTOR_SUM_CHUNK stay packed: as one sum (inductor's cascade helper) the fused loop read
-    7.4-7.9 GB/s against the packed kernel's 15.9-17.3 (2048x5632, 2560x10240: StableLM's and
-    Phi-2's down projections), and summed in pieces (dot_rows) the int8 model decoded 4.36 tok/s
-    against 11.94. int4 runs int4_rows on a CPU."""
-    if x.is_cuda:
-        return guard_or_false(x.shape[0] <= FUSED_MAX_ROWS)
-    return data.dtype == torch.int8 and x.shape[-1] <= INDUCTOR_SUM_CHUNK and guard_or_false(x.shape[0] == 1)
 
 
 # inductor's C++ sums a reduction longer than this in chunks through a CascadeSumHelper (a stack per
@@ -522,8 +519,8 @@ def dot_rows(x: Tensor, w: Tensor) -> Tensor:
 def qdot_rows(x: Tensor, data: Tensor, scales: Tensor) -> Tensor:
     """dot_rows through a quantized weight, data [N, K] or stacked [R, N, K] (int4: K/2 bytes a row),
     dequantised in the kernel's loads. int8's scale is one per output row, so it multiplies each row's sum instead of
-    every weight: the StableLM-shape int8 model decoded 14.04 -> 14.75 tok/s so (compiled, one
-    process, 9 rounds alternating, the same tokens; BENCHMARKS.md)."""
+    every weight (measured when a CPU step ran this: the StableLM-shape int8 model decoded 14.04 ->
+    14.75 tok/s so, 9 rounds alternating, the same tokens; BENCHMARKS.md)."""
     if data.dtype == torch.int8:
         return dot_rows(x, data) * scales.float()
     return dot_rows(x, dequantize(data, scales))

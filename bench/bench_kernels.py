@@ -10,14 +10,15 @@ candidates are timed round-robin, --rounds rounds; the table shows the median. T
 summing a 2 GiB tensor, measured in the same run: "of the ceiling" is GB/s read / that.
 
 The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear, eager and in a
-compiled decode step; int4 through our int4_cpu.cpp, each of its loops) plus
+compiled decode step; int8 and int4 through our quant_cpu.cpp, each of its loops) plus
 some it does not: PyTorch's own int4 kernel on the same weights, the one-row kernel as one sum
 over a row longer than 4096 (inductor's cascade helper, which kernels.dot_rows avoids by summing
-pieces), the two packed kernels on fp32 activations (why qlinear runs them in bf16), and fbgemm's
-int8 dynamic-quantized linear, which also rounds the activations to 8 bits, with one scale for
-the whole row (int4_cpu.cpp takes one per 32 inputs). It shows what an int8 kernel that streams
-at full bandwidth reaches. Its answers are another matter: on real SmolLM2 weights it moved the
-next-token logits to cosine 0.98 of fp32's and changed 18 of 20 greedy answers (BENCHMARKS.md).
+pieces), inductor's fused loop over int8 weights (what a CUDA step runs), the two packed kernels
+on fp32 activations (why qlinear runs them in bf16), and fbgemm's int8 dynamic-quantized linear,
+which rounds the activations to 8 bits with one scale for the whole row (quant_cpu.cpp rounds
+them to 16 bits for int8 weights, with one scale per 32 inputs). On real SmolLM2 weights fbgemm's
+moved the next-token logits to cosine 0.98 of fp32's and changed 18 of 20 greedy answers
+(BENCHMARKS.md).
 
 --device cuda times the CUDA forms instead: cuBLAS on bf16 weights, the compiled decode step's
 fused kernels (kernels.dot_rows over a dequantisation, what medmoe runs), eager dequantise + GEMM,
@@ -54,7 +55,7 @@ def candidates(N, K, M):
     torch_q4 = [torch_int4_layout(d, s) for d, s in q4]  # PyTorch's int4 kernel, for comparison
     q8_32, q4_32 = ([(d, s.float()) for d, s in qs] for qs in (q8, torch_q4))
     one_row = torch.compile(kernels.linear, dynamic=False)  # the compiled decode step's kernel
-    int8_row = torch.compile(kernels.qlinear, dynamic=False)  # the fused loop up to 4096 inputs, packed beyond
+    fused_row = torch.compile(lambda x, d, s: kernels.qdot_rows(x, d, s).to(x.dtype), dynamic=False)  # CUDA's form
     one_sum = torch.compile(lambda x, w: (x.unsqueeze(-2).float() * w.float()).sum(-1), dynamic=False)  # no pieces
     c = {  # name -> (bytes of one weight, the M calls)
         "fp32, F.linear (MKL)": (4, lambda: [F.linear(x32, w) for w in w32]),
@@ -63,13 +64,16 @@ def candidates(N, K, M):
         "bf16w (fp32 x), compiled one-row kernel": (2, lambda: [one_row(x32, w) for w in w16]),
         "bf16, compiled one-row kernel as one sum (not used)": (2, lambda: [one_sum(x16, w) for w in w16]),
         "bf16w (fp32 x), eager, upcast in 1024-row blocks": (2, lambda: [kernels.linear(x32, w) for w in w16]),
-        "int8, _weight_int8pack_mm": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
-        "int4 g64, int4_rows (int4_cpu.cpp, x rounded to int8)": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
-        "int4 g64, int4_rows' AVX2 loop (CPUs without AVX512-VNNI)": (0.5, lambda: [kernels.int4_rows(x16, *q, 1) for q in q4]),
-        "int4 g64, int4_rows' portable loop (CPUs without AVX2)": (0.5, lambda: [kernels.int4_rows(x16, *q, 0) for q in q4]),
+        "int8, quant_rows (quant_cpu.cpp, x rounded to int16)": (1, lambda: [kernels.quant_rows(x16, *q) for q in q8]),
+        "int8, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (1, lambda: [kernels.quant_rows(x16, *q, 1) for q in q8]),
+        "int8, quant_rows' portable loop (CPUs without AVX2)": (1, lambda: [kernels.quant_rows(x16, *q, 0) for q in q8]),
+        "int8, _weight_int8pack_mm (without a C++ compiler)": (1, lambda: [torch._weight_int8pack_mm(x16, *q) for q in q8]),
+        "int4 g64, quant_rows (quant_cpu.cpp, x rounded to int8)": (0.5, lambda: [kernels.quant_rows(x16, *q) for q in q4]),
+        "int4 g64, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (0.5, lambda: [kernels.quant_rows(x16, *q, 1) for q in q4]),
+        "int4 g64, quant_rows' portable loop (CPUs without AVX2)": (0.5, lambda: [kernels.quant_rows(x16, *q, 0) for q in q4]),
         "int4 g64, _weight_int4pack_mm_for_cpu (not used)": (
             0.5, lambda: [torch._weight_int4pack_mm_for_cpu(x16, d, 64, s) for d, s in torch_q4]),
-        "int8 (fp32 x), compiled one-row kernel": (1, lambda: [int8_row(x32, *q) for q in q8]),
+        "int8 (fp32 x), compiled fused loop (qdot_rows; CUDA's form, not used on a CPU)": (1, lambda: [fused_row(x32, *q) for q in q8]),
         # the same two kernels with fp32 activations (and scales): why qlinear computes in bf16
         "int8, _weight_int8pack_mm, fp32 x (not used)": (1, lambda: [torch._weight_int8pack_mm(x32, d, s) for d, s in q8_32]),
         "int4 g64, _weight_int4pack_mm_for_cpu, fp32 x (not used)": (

@@ -88,9 +88,11 @@ def test_unsupported_int4_shapes_are_value_errors():
 
 # ----------------------------------------------------------------------------- kernels
 
+needs_kernels = pytest.mark.skipif(not kernels.has_quant_kernels(), reason="quant_cpu.cpp could not be built here")
+
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, 8, 200])  # packed kernel for few rows, dequantize + GEMM for many
+@pytest.mark.parametrize("rows", [1, 3, 8, 200])  # quant_rows for few rows, dequantize + GEMM for many
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qlinear_equals_float_linear_on_dequantized_weights(bits, rows, dtype):
     data, scales = kernels.quantize(torch.randn(96, 128), bits, 32)
@@ -102,24 +104,17 @@ def test_qlinear_equals_float_linear_on_dequantized_weights(bits, rows, dtype):
     assert rel_err(got, want) < BF16_TOL
 
 
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_one_row_int8_qlinear_sums_the_dequantized_weights(dtype):
+def test_compiled_one_row_qlinear_on_a_cpu_is_one_quant_rows_call(bits, dtype):
+    """A compiled decode step on a CPU runs each quantized product as our kernel, opaque to inductor: the eager answer."""
     torch._dynamo.reset()
-    data, scales = kernels.quantize(torch.randn(96, 128), 8)
+    data, scales = kernels.quantize(torch.randn(96, 128), bits, 32)
     bias, x = torch.randn(96).to(dtype), torch.randn(1, 1, 128).to(dtype)
-    got = torch.compile(kernels.qlinear, fullgraph=True, dynamic=False)(x, data, scales, bias)
-    want = F.linear(x.double(), kernels.dequantize(data, scales).double(), bias.double())
-    assert got.dtype == dtype and got.shape == (1, 1, 96)
-    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_TOL)  # fp32 sums, not the bf16 packed kernel
-
-
-def test_only_rows_inductor_sums_in_one_chunk_take_the_fused_int8_loop():
-    # longer rows go through inductor's cascade helper, half the packed kernel's speed (kernels.py)
-    data = torch.zeros(8, kernels.INDUCTOR_SUM_CHUNK + 64, dtype=torch.int8)
-    assert kernels.fused_dequantize(torch.zeros(1, kernels.INDUCTOR_SUM_CHUNK), data[:, : kernels.INDUCTOR_SUM_CHUNK])
-    assert not kernels.fused_dequantize(torch.zeros(1, data.shape[1]), data)
-    assert not kernels.fused_dequantize(torch.zeros(2, 64), data[:, :64])  # several rows: packed
-    assert not kernels.fused_dequantize(torch.zeros(1, 64), data[:, :32].view(torch.uint8))  # int4: int4_rows
+    got, code = run_and_get_code(torch.compile(kernels.qlinear, fullgraph=True, dynamic=False), x, data, scales, bias)
+    assert "medmoe.quant_rows" in "".join(code)
+    assert torch.equal(got, kernels.qlinear(x, data, scales, bias))
 
 
 @pytest.mark.parametrize("K", [kernels.INDUCTOR_SUM_CHUNK + 1, 9000])
@@ -190,61 +185,88 @@ def test_expert_qmm_opcheck(ids):
     torch.library.opcheck(kernels._expert_qmm, (torch.randn(len(ids), H), data, scales, torch.tensor(ids)))
 
 
-needs_int4_kernel = pytest.mark.skipif(not kernels.has_int4_kernel(), reason="int4_cpu.cpp could not be built here")
-
-
-def x_rounded_as_the_int4_kernel_does(x):
-    """x [M, K] rounded to int8 with a scale per 32 inputs (amax / 127), written out in torch."""
+def x_rounded_as_the_kernels_do(x, qmax=127):
+    """x [M, K] rounded to integers with a scale per 32 inputs (amax / qmax), written out in torch."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
-    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    scale = blocks.abs().amax(-1, keepdim=True) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (torch.round(blocks * (1 / scale)) * scale).reshape(x.shape)
 
 
-@needs_int4_kernel
+def kernel_inputs(seed, rows, dtype):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 768, generator=g) * 0.05 + torch.linspace(-0.2, 0.2, 768)  # offsets: int4's zero term matters
+    x = torch.randn(rows, 768, generator=g) * torch.linspace(0.1, 3, 768)
+    x[:, 64:96] = 0  # a block of zeros (its scale is 1, not 0 / 127)
+    return w, x.to(dtype)
+
+
+def check_each_loop(x, data, scales, want):
+    """quant_rows in each of its loops this CPU runs, against want up to float rounding; returns the last answer."""
+    tol = 1e-5 if x.dtype == torch.float32 else 2**-8
+    for loop in range(kernels.quant_cpu_library().best_loop() + 1):
+        got = kernels.quant_rows(x, data, scales, loop)
+        assert got.dtype == x.dtype and got.shape == (x.shape[0], data.shape[0])
+        assert rel_err(got, want) < tol, loop
+    return got
+
+
+@needs_kernels
 @pytest.mark.parametrize("group", kernels.INT4_GROUPS)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_kernel_computes_int8_rounded_x_times_the_dequantized_weights(group, rows, dtype):
-    """int4_rows rounds x to int8 (a scale per 32 inputs) and multiplies in integers: its answer is that rounded x
+    """quant_rows rounds x to int8 (a scale per 32 inputs) and multiplies in integers: its answer is that rounded x
     times (q - 8) * scale, plus x itself times the zeros (each group's sum of x), up to float rounding, in each of its
     loops this CPU runs (portable, AVX2, AVX512-VNNI) alike. Against x times the dequantized weights it is off by x's
     rounding only."""
-    g = torch.Generator().manual_seed(group + rows)
-    w = torch.randn(12, 768, generator=g) * 0.05 + torch.linspace(-0.2, 0.2, 768)  # offsets: the zero term matters
+    w, x = kernel_inputs(group + rows, rows, dtype)
     data, scales = kernels.quantize(w, 4, group)
-    x = (torch.randn(rows, 768, generator=g) * torch.linspace(0.1, 3, 768)).to(dtype)
     dequantized = kernels.dequantize(data, scales).double()
     zero = scales.double().transpose(-3, -2).reshape(12, -1, 2)[..., 1].repeat_interleave(group, -1)  # [12, 768]
-    want = x_rounded_as_the_int4_kernel_does(x).double() @ (dequantized - zero).T + x.double() @ zero.T
-    tol = 1e-5 if dtype == torch.float32 else 2**-8
-    for loop in range(kernels.int4_cpu_library().int4_best_loop() + 1):
-        got = kernels.int4_rows(x, data, scales, loop)
-        assert got.dtype == dtype and got.shape == (rows, 12)
-        assert rel_err(got, want) < tol
+    want = x_rounded_as_the_kernels_do(x).double() @ (dequantized - zero).T + x.double() @ zero.T
+    got = check_each_loop(x, data, scales, want)
     assert rel_err(got, x.double() @ dequantized.T) < BF16_TOL
 
 
-@needs_int4_kernel
-def test_int4_rows_opcheck():
-    data, scales = kernels.quantize(torch.randn(16, 128), 4, 32)
-    torch.library.opcheck(kernels.int4_rows, (torch.randn(2, 128), data, scales))
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_computes_int8_rounded_x_times_the_dequantized_weights(rows, dtype):
+    """The same for int8 weights (one scale per row, no zeros), x rounded to int16: so closely that against x times
+    the dequantized weights it is off by the output's float rounding only."""
+    w, x = kernel_inputs(rows, rows, dtype)
+    data, scales = kernels.quantize(w, 8)
+    dequantized = kernels.dequantize(data, scales).double()
+    want = x_rounded_as_the_kernels_do(x, 32767).double() @ dequantized.T
+    got = check_each_loop(x, data, scales, want)
+    assert rel_err(got, x.double() @ dequantized.T) < (1e-4 if dtype == torch.float32 else 2**-8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_rows_opcheck(bits):
+    data, scales = kernels.quantize(torch.randn(16, 128), bits, 32)
+    torch.library.opcheck(kernels.quant_rows, (torch.randn(2, 128), data, scales))
 
 
 @pytest.mark.parametrize("cxx", ["/nonexistent/c++", "false"])  # no such program; a compiler that fails
-def test_an_int4_kernel_that_cannot_be_built_is_a_warning(monkeypatch, tmp_path, cxx):
+def test_kernels_that_cannot_be_built_are_a_warning(monkeypatch, tmp_path, cxx):
     monkeypatch.setenv("CXX", cxx)
     monkeypatch.setenv("MEDMOE_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="could not build int4_cpu.cpp"):
-        assert kernels.int4_cpu_library.__wrapped__() is None
+    with pytest.warns(UserWarning, match="could not build quant_cpu.cpp"):
+        assert kernels.quant_cpu_library.__wrapped__() is None
     assert os.listdir(tmp_path) == []
 
 
-def test_without_the_int4_kernel_qlinear_dequantises(monkeypatch):
-    monkeypatch.setattr(kernels, "has_int4_kernel", lambda: False)
-    data, scales = kernels.quantize(torch.randn(16, 128), 4, 32)
-    x = torch.randn(1, 128)
-    assert torch.allclose(kernels.qlinear(x, data, scales), x @ kernels.dequantize(data, scales).T, atol=1e-5)
+# int4 dequantises, int8 runs PyTorch's packed kernel; int8 rows not a multiple of 64 long run it too
+@pytest.mark.parametrize("bits, K, built", [(4, 128, False), (8, 128, False), (8, 96, True)])
+def test_without_our_kernels_qlinear_dequantises_or_packs(monkeypatch, bits, K, built):
+    monkeypatch.setattr(kernels, "has_quant_kernels", lambda: built)
+    data, scales = kernels.quantize(torch.randn(16, K), bits, 32)
+    x = torch.randn(1, K)
+    want = x.double() @ kernels.dequantize(data, scales).double().T
+    assert rel_err(kernels.qlinear(x, data, scales), want) < (1e-6 if bits == 4 else BF16_TOL)  # the packed kernel is bf16
 
 
 # ----------------------------------------------------------------------------- models and checkpoints
@@ -304,14 +326,12 @@ def test_quantized_model_equals_its_dequantized_twin_and_stays_near_float(bits):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compiled_quantized_decoding_is_one_graph_and_matches_eager(bits):
-    """int4 decodes through int4_rows compiled or not; a compiled int8 step sums each row
-    over the dequantised weights in fp32 (kernels.fused_int8), so its oracle is the fp32 twin."""
+    """Quantized products decode through quant_rows compiled or not: the eager model is the oracle."""
     torch._dynamo.reset()
     model = M.quantize(tiny_model(), M.QuantConfig(bits=bits, group_size=32))
-    oracle = model if bits == 4 else dequantized_twin(model)
     before = counters["stats"]["unique_graphs"]
     for prompt in ([[5, 6, 7]], [[8, 9, 10, 11, 12, 13]]):
-        want = oracle.generate(prompt, max_new_tokens=10, stop_ids=[])
+        want = model.generate(prompt, max_new_tokens=10, stop_ids=[])
         assert model.generate(prompt, max_new_tokens=10, stop_ids=[], compile=True) == want
     assert counters["stats"]["unique_graphs"] - before == 1
 

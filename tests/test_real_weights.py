@@ -83,8 +83,8 @@ def test_logits_and_greedy_answers_close_to_fp32(models, variant):
 
 
 def perplexity(model, ids, window=kernels.INT4_KERNEL_MAX_ROWS):
-    """Windows no longer than int4_rows takes, so int4 is measured as it decodes: x rounded to int8 in
-    int4_cpu.cpp (on SmolLM2, 15.095 against 15.035 dequantised, fp32 15.002; 2026-12-07)."""
+    """Windows no longer than quant_rows takes for int4, so int4 is measured as it decodes: x rounded to int8 in
+    quant_cpu.cpp (on SmolLM2, 15.095 against 15.035 dequantised, fp32 15.002; 2026-12-07)."""
     nll, n = 0.0, 0
     with torch.inference_mode():
         for s in range(0, len(ids) - 1, window):

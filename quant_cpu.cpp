@@ -1,22 +1,28 @@
-// A few rows of x (decoding) through an int4 weight on a CPU. kernels.py compiles this file once
-// per machine (kernels.int4_cpu_library) and calls it as torch.ops.medmoe.int4_rows.
+// A few rows of x (decoding) through int4 or int8 weights on a CPU. kernels.py compiles this file
+// once per machine (kernels.quant_cpu_library) and calls it as torch.ops.medmoe.quant_rows.
 //
 // Why by hand: PyTorch's _weight_int4pack_mm_for_cpu (and torchao's int4 CPU layout, which calls
 // it) turns every int4 weight into a float and multiplies in floating point: ~35 G weights/s on
-// two cores, slower than memory delivers 4-bit weights. Here x is rounded to int8 as well (a scale
-// per 32 inputs, as llama.cpp's Q8_0 does) and the products are integer dot products: AVX512-VNNI's
-// vpdpbusd multiplies 64 byte pairs in one instruction, and the kernel keeps up with memory
-// (kernels.py and BENCHMARKS.md have the measurements). Without VNNI an AVX2 loop runs, and on
-// other CPUs a portable one, which also spells the arithmetic out one weight at a time.
+// two cores, slower than memory delivers 4-bit weights, and _weight_int8pack_mm reads int8 weights
+// at about half the speed memory delivers them. Here x is rounded to integers as well, with a scale
+// per 32 inputs, and the products are integer dot products that keep up with memory (kernels.py
+// and BENCHMARKS.md have the measurements): AVX512-VNNI's vpdpbusd multiplies 64 byte pairs in one
+// instruction, vpdpwssd 32 pairs of 16-bit integers. Each kernel has an AVX2 loop and a portable
+// one too, which also spells the arithmetic out one weight at a time.
 //
-// Layout (kernels._pack_int4): data [N/4][K/64][4][32] bytes: tiles of 4 rows; in chunk c each row
+// int4 (kernels._pack_int4): data [N/4][K/64][4][32] bytes: tiles of 4 rows; in chunk c each row
 // keeps inputs 64c..64c+63 in 32 bytes, byte j = q[64c+j] | q[64c+32+j] << 4. scales
 // [N/4][K/g][4][2] bf16: (scale, zero) per row and group of g inputs, w = (q - 8) * scale + zero.
 // A tile's bytes are one contiguous stream (its scales another): one stream per thread, read ahead.
-//
 // Per block b of 32 inputs, with x ~= sx[b] * xq:
 //     sum w x = scale * sx[b] * sum (q - 8) xq  +  zero * sum x
-// The zero term needs only each group's sum of x (xsum), computed once per row of x.
+// The zero term needs only each group's sum of x (xsum), computed once per row of x. x is rounded
+// to int8 (as llama.cpp's Q8_0 does): its error stays small beside the weights'.
+//
+// int8: data [N][K] int8, scales [N] bf16, w = data * scale (one scale per row), so
+//     sum w x = scale * sum_b sx[b] * sum data xq
+// x is rounded to int16 here: rounded to int8 it doubled the error of int8 weights, and 16 bits
+// cost no speed (the products are still faster than memory).
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -50,6 +56,63 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch do
   return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+#if AVX2
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+// f(m, row m of x as fp32) for each of x's M rows (fp32, or bf16 when bf16 = 1)
+template <class F>
+static void each_row(const void* x, int M, int K, int bf16, F f) {
+  std::vector<float> row(bf16 ? K : 0);
+  for (int m = 0; m < M; m++) {
+    if (!bf16) {
+      f(m, (const float*)x + (size_t)m * K);
+      continue;
+    }
+    for (int k = 0; k < K; k++) row[k] = from_bf16(((const uint16_t*)x)[(size_t)m * K + k]);
+    f(m, row.data());
+  }
+}
+
+// The loops each kernel has: 0 portable, 1 AVX2, 2 AVX512-VNNI; this build's best
+extern "C" int best_loop() { return VNNI ? 2 : AVX2 ? 1 : 0; }
+
+static inline void store(void* y, size_t i, float v, int bf16) {
+  if (bf16)
+    ((uint16_t*)y)[i] = to_bf16(v);
+  else
+    ((float*)y)[i] = v;
+}
+
+// Every call rounds its rows of x (~200 calls a decoded token): xq = x / sx rounded, sx = the block's
+// largest |x| / qmax. GCC vectorises these loops only when told that x holds no NaN or infinity
+// and that sums may be reassociated (int4's xsum: its last bits change; xq and sx do not): one row
+// through a 4-row, 2048-wide int4 matrix, nearly all of it this rounding, then takes 3.5 us
+// instead of 7.2 (AVX-512; built for AVX2, 3.9 against 7.6). Not -ffast-math, which would also
+// let 1 / s be approximated: xq must be what the tests round to.
+#if defined(__GNUC__) && !defined(__clang__)
+#define VECTORISE_ROUNDING __attribute__((optimize("no-trapping-math", "finite-math-only", "no-signed-zeros", "associative-math")))
+#else
+#define VECTORISE_ROUNDING
+#endif
+
+template <class T>
+VECTORISE_ROUNDING static void round_blocks(const float* x, int K, float qmax, T* xq, float* sx) {
+  for (int b = 0; b < K / 32; b++) {
+    float amax = 0;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[32 * b + j]));
+    float s = amax > 0 ? amax / qmax : 1, inv = 1 / s;
+    sx[b] = s;
+    for (int j = 0; j < 32; j++) xq[32 * b + j] = (T)nearbyintf(x[32 * b + j] * inv);
+  }
+}
+
+// ----------------------------------------------------------------------------- int4
+
 struct QuantizedRow {  // one row of x, rounded to int8
   const int8_t* xq;    // [K]
   const float* sx;     // [K/32] scale per 32-input block
@@ -57,22 +120,9 @@ struct QuantizedRow {  // one row of x, rounded to int8
   const float* xsum;   // [K/g] x's sum per group of g
 };
 
-// Every call rounds its rows of x (~200 calls a decoded token). GCC vectorises these loops only when
-// told that x holds no NaN or infinity and that xsum's sums may be reassociated (their last bits
-// change; xq and sx do not): one row through a 4-row, 2048-wide matrix, nearly all of it this
-// rounding, then takes 3.5 us instead of 7.2 (AVX-512; built for AVX2, 3.9 against 7.6). Not
-// -ffast-math, which would also let 1 / s be approximated: xq must be what the tests round to.
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("no-trapping-math", "finite-math-only", "no-signed-zeros", "associative-math")))
-#endif
-static void quantize_row(const float* x, int K, int g, int8_t* xq, float* sx, int32_t* acc0, float* xsum) {
-  for (int b = 0; b < K / 32; b++) {
-    float amax = 0;
-    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[32 * b + j]));
-    float s = amax > 0 ? amax / 127 : 1, inv = 1 / s;
-    sx[b] = s;
-    for (int j = 0; j < 32; j++) xq[32 * b + j] = (int8_t)nearbyintf(x[32 * b + j] * inv);
-  }
+// x rounded to int8 for int4_rows, with vpdpbusd's starting lanes and the zero term's group sums
+VECTORISE_ROUNDING static void quantize_row(const float* x, int K, int g, int8_t* xq, float* sx, int32_t* acc0, float* xsum) {
+  round_blocks(x, K, 127, xq, sx);
   for (int l = 0; l < K / 4; l++) acc0[l] = -8 * (xq[4 * l] + xq[4 * l + 1] + xq[4 * l + 2] + xq[4 * l + 3]);
   for (int gi = 0; gi < K / g; gi++) {
     float s = 0;
@@ -114,12 +164,6 @@ static void tile_row_portable(const uint8_t* w, const uint16_t* sc, QuantizedRow
 }
 
 #if AVX2
-static inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // The same with AVX2, a row at a time: a row's 32 bytes of chunk c are one 256-bit vector, and
 // maddubs + madd add the products of 4 byte pairs into each 32-bit lane, as vpdpbusd does below.
 static void tile_row_avx2(const uint8_t* w, const uint16_t* sc, QuantizedRow x, int K, int g, float* y) {
@@ -197,7 +241,7 @@ static void tile_row_vnni(const uint8_t* w, const uint16_t* sc, QuantizedRow x, 
 #endif
 
 typedef void (*TileRow)(const uint8_t*, const uint16_t*, QuantizedRow, int, int, float*);
-static const TileRow loops[] = {  // the best this build has last; int4_best_loop() says which that is
+static const TileRow int4_loops[] = {  // indexed as best_loop() counts
     tile_row_portable,
 #if AVX2
     tile_row_avx2,
@@ -207,42 +251,109 @@ static const TileRow loops[] = {  // the best this build has last; int4_best_loo
 #endif
 };
 
-// 0 portable, 1 AVX2, 2 AVX512-VNNI
-extern "C" int int4_best_loop() { return sizeof(loops) / sizeof(loops[0]) - 1; }
-
 // y [M, N] = x [M, K] @ w.T, w the int4 (data, scales) above. x and y are float32 (bf16 = 0) or
-// bf16 (bf16 = 1). loop: which of loops[] (tests compare them), up to int4_best_loop().
+// bf16 (bf16 = 1). loop: which of int4_loops[] (tests compare them), up to best_loop().
 extern "C" void int4_rows(const void* x, const uint8_t* data, const uint16_t* scales, void* y, int M, int N, int K, int g,
                           int bf16, int threads, int loop) {
   std::vector<int8_t> xq((size_t)M * K);
-  std::vector<float> sx((size_t)M * K / 32), xsum((size_t)M * K / g), row(K);
+  std::vector<float> sx((size_t)M * K / 32), xsum((size_t)M * K / g);
   std::vector<int32_t> acc0((size_t)M * K / 4);
   std::vector<QuantizedRow> rows(M);
-  for (int m = 0; m < M; m++) {
-    const float* xf = (const float*)x + (size_t)m * K;
-    if (bf16) {
-      for (int k = 0; k < K; k++) row[k] = from_bf16(((const uint16_t*)x)[(size_t)m * K + k]);
-      xf = row.data();
-    }
+  each_row(x, M, K, bf16, [&](int m, const float* xf) {
     int8_t* q = &xq[(size_t)m * K];
     float *s = &sx[(size_t)m * K / 32], *xs = &xsum[(size_t)m * K / g];
     int32_t* a = &acc0[(size_t)m * K / 4];
     quantize_row(xf, K, g, q, s, a, xs);
     rows[m] = {q, s, a, xs};
-  }
-  const TileRow tile_row = loops[loop];
+  });
+  const TileRow tile_row = int4_loops[loop];
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int t = 0; t < N / 4; t++) {
     for (int m = 0; m < M; m++) {  // the tile stays in cache while each row of x passes through it
       float out[4];
       tile_row(data + (size_t)t * 2 * K, scales + (size_t)t * 8 * (K / g), rows[m], K, g, out);
-      for (int r = 0; r < 4; r++) {
-        size_t i = (size_t)m * N + 4 * t + r;
-        if (bf16)
-          ((uint16_t*)y)[i] = to_bf16(out[r]);
-        else
-          ((float*)y)[i] = out[r];
-      }
+      for (int r = 0; r < 4; r++) store(y, (size_t)m * N + 4 * t + r, out[r], bf16);
     }
+  }
+}
+
+// ----------------------------------------------------------------------------- int8
+
+struct Int16Row {   // one row of x, rounded to int16
+  const int16_t* xq; // [K]
+  const float* sx;   // [K/32] scale per 32-input block
+};
+
+// One row of the weight times one row of x, one weight at a time: sum_b sx[b] * sum data xq.
+// The integer sums stay below 2^31: 32 products of at most 127 * 32767.
+static float row_int8_portable(const int8_t* w, Int16Row x, int K) {
+  float acc = 0;
+  for (int b = 0; b < K / 32; b++) {
+    int d = 0;
+    for (int j = 0; j < 32; j++) d += w[32 * b + j] * x.xq[32 * b + j];
+    acc += x.sx[b] * d;
+  }
+  return acc;
+}
+
+#if AVX2
+// The same with AVX2: 16 weights widened to 16 bits, and madd adds the products of pairs into 8 lanes
+static float row_int8_avx2(const int8_t* w, Int16Row x, int K) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int b = 0; b < K / 32; b++) {
+    __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + 32 * b)));
+    __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + 32 * b + 16)));
+    __m256i d = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(x.xq + 32 * b))),
+                                 _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(x.xq + 32 * b + 16))));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(x.sx[b]), acc);
+  }
+  return hsum256(acc);
+}
+#endif
+
+#if VNNI
+// The same with AVX512-VNNI: a block of 32 weights widened to 16 bits is one vector, and vpdpwssd
+// adds the products of its pairs into 16 lanes. Two blocks at a time, into two sums, so that each
+// multiply-add waits on the one before it only every other block. No software prefetch: with one
+// (512 B to 2 KiB ahead) one row through 24 different 5632x2048 matrices read 26-36 GB/s, without
+// it 29-41 (the hardware's stream prefetcher follows a thread's one stream).
+static float row_int8_vnni(const int8_t* w, Int16Row x, int K) {
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int b = 0; b < K / 32; b += 2) {
+    for (int h = 0; h < 2; h++) {
+      __m512i wb = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 32 * (b + h))));
+      __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wb, _mm512_loadu_si512(x.xq + 32 * (b + h)));
+      acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(x.sx[b + h]), acc[h]);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+}
+#endif
+
+typedef float (*Int8Row)(const int8_t*, Int16Row, int);
+static const Int8Row int8_loops[] = {
+    row_int8_portable,
+#if AVX2
+    row_int8_avx2,
+#endif
+#if VNNI
+    row_int8_vnni,
+#endif
+};
+
+// y [M, N] = x [M, K] @ w.T, w the int8 (data, scales) above, K a multiple of 64; otherwise as int4_rows
+extern "C" void int8_rows(const void* x, const int8_t* data, const uint16_t* scales, void* y, int M, int N, int K, int bf16,
+                          int threads, int loop) {
+  std::vector<int16_t> xq((size_t)M * K);
+  std::vector<float> sx((size_t)M * K / 32);
+  std::vector<Int16Row> rows(M);
+  each_row(x, M, K, bf16, [&](int m, const float* xf) {
+    round_blocks(xf, K, 32767, &xq[(size_t)m * K], &sx[(size_t)m * K / 32]);
+    rows[m] = {&xq[(size_t)m * K], &sx[(size_t)m * K / 32]};
+  });
+  const Int8Row row = int8_loops[loop];
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int n = 0; n < N; n++) {  // each thread streams its rows, one after another
+    for (int m = 0; m < M; m++) store(y, (size_t)m * N + n, row(data + (size_t)n * K, rows[m], K) * from_bf16(scales[n]), bf16);
   }
 }
