@@ -29,7 +29,7 @@ transformers on the GPU; part 2 is skipped.
 
 bf16w (either part): bf16 matrices under fp32 activations (medmoe.load_model's matrix_dtype), read
 from the bf16 checkpoint (part 1) or the fp32 one (part 2). int8-fp32 / int4-fp32 (part 1): the int8 / int4
-checkpoint under fp32 activations (`--dtype fp32`), where a compiled step's int8 products read fp32 rows.
+checkpoint under fp32 activations (`--dtype fp32`): the quantized kernels take fp32 rows.
 
 Prints markdown tables (copy them into BENCHMARKS.md)."""
 
