@@ -246,13 +246,11 @@ def apply_rotary(x, cos, sin):
 
 
 def one_row_attention(q, k, v, mask):
-    """SDPA for one decoded token q [B, H, 1, D] over the cache k, v [B, KVH, S, D], as two matmuls in
-    fp32 (a bf16 cache upcast first; compiled, as it is read). SDPA's CPU kernel is made for blocks of queries: eager, 24
-    StableLM layers over a 669-long bf16 cache took 31.9 ms through it against 22.9 this way; compiled,
-    this form decodes fastest (products and sums written out for inductor were stored before being
-    summed), and the upcasts cost nothing there (6.0 ms either way). In the cache's dtype the matmuls
-    were faster still, but SmolLM2 bf16's greedy answers matched fp32's on 6 of 20 prompts, against
-    10 through SDPA and 14 in fp32 (BENCHMARKS.md, eighth session)."""
+    """SDPA for one decoded token q [B, H, 1, D] over the cache k, v [B, KVH, S, D], as two fp32 matmuls.
+    SDPA's CPU kernel is made for blocks of queries (eager, 24 StableLM layers took 31.9 ms through it
+    against 22.9 this way), and inductor stored written-out products before summing them. fp32, not
+    the cache's dtype: SmolLM2 in bf16 then matched fp32's greedy answers on 14 of 20 prompts, against
+    6 with bf16 matmuls and 10 through SDPA; compiled, the upcasts cost nothing (BENCHMARKS.md)."""
     B, H, _, D = q.shape
     kvh = k.shape[1]
     q = q.view(B, kvh, H // kvh, D).float()  # grouped-query heads share their key/value head
@@ -301,7 +299,7 @@ class Attention(nn.Module):
         gqa = self.num_heads != self.num_kv_heads
         if isinstance(mask, str):  # "causal" / "full": no padding, let SDPA pick its fastest kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=gqa)
-        elif T == 1 and q.device.type == "cpu":  # a decoded row, eager or compiled
+        elif T == 1 and self.kv_cache is not None and q.device.type == "cpu":  # a decoded row, eager or compiled
             y = one_row_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
