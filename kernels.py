@@ -436,6 +436,7 @@ def quant_cpu_library():
     library = ctypes.CDLL(path)
     library.int4_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
     library.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    library.best = library.best_loop()  # looked up once: quant_rows runs ~200 times a decoded token
     return library
 
 
@@ -463,7 +464,7 @@ def _quant_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tens
     (M, K), N = x.shape, data.shape[-2]
     y = x.new_empty(M, N)
     library, bf16, threads = quant_cpu_library(), x.dtype == torch.bfloat16, torch.get_num_threads()
-    loop = library.best_loop() if loop < 0 else loop
+    loop = library.best if loop < 0 else loop
     if data.dtype == torch.int8:
         library.int8_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, bf16, threads, loop)
     else:
