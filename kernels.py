@@ -268,7 +268,7 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #   int8  data int8  [..., N, K], scales [..., N]: w = data * scale, per output channel (symmetric)
 #   int4  data uint8 [..., N, K/2], scales [..., N/4, K/g, 4, 2] = (scale, zero) per row and group of
 #         g inputs: w = (q - 8) * scale + zero. Data and scales in tiles of 4 rows, the layout
-#         quant_cpu.cpp reads (_pack_int4).
+#         cpu_kernels.cpp reads (_pack_int4).
 # Scales are kept in bf16, the dtype the CPU kernels are fast in. Decoding (a few rows) runs our
 # kernels (quant_rows) on a CPU, a fused dequantisation in a compiled CUDA step (qlinear). More rows
 # (prefill, the vision tower) dequantise once per call and run the float GEMM. Measured on the
@@ -287,7 +287,7 @@ def dispatch_samples(experts, chosen, inputs, *args):
 # 17.3 (BENCHMARKS.md). fbgemm's dynamic int8 linear reads int8 weights 1.5-1.8x as
 # fast as _weight_int8pack_mm (bench/bench_kernels.py) but rounds the activations to 8 bits per
 # tensor: SmolLM2's next-token logits fell to cosine 0.98 of fp32's, so it is not used.
-# Our own kernels (quant_cpu.cpp) round x with a scale per 32 inputs instead, and multiply integers:
+# Our own kernels (cpu_kernels.cpp) round x with a scale per 32 inputs instead, and multiply integers:
 # PyTorch's int4 kernel is bound by its arithmetic (~35 G weights/s), and its int8 one reads at
 # half of what memory gives. One row, 24 different matrices (bench/bench_kernels.py, 2 threads,
 # AMD EPYC, 2026-12-07), in GB/s of weights read:
@@ -345,7 +345,7 @@ def _quantize_rows(w, bits, group):
 def _pack_int4(q):
     """[..., N, K] values 0..15 -> [..., N/4, K/64, 4, 32] bytes, viewed [..., N, K/2]: tiles of 4 rows,
     each row's inputs 64c..64c+63 in 32 bytes, input 64c+j in the low nibble of byte j and 64c+32+j in
-    the high one (quant_cpu.cpp reads a pair of rows' 64 bytes as one vector)."""
+    the high one (cpu_kernels.cpp reads a pair of rows' 64 bytes as one vector)."""
     *lead, N, K = q.shape
     q = q.to(torch.uint8).reshape(*lead, N // 4, 4, K // 64, 2, 32)
     return (q[..., 0, :] | q[..., 1, :] << 4).transpose(-3, -2).reshape(*lead, N, K // 2)
@@ -397,9 +397,9 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
     kernel_max_rows = INT8_KERNEL_MAX_ROWS if int8 else INT4_KERNEL_MAX_ROWS
     if torch.compiler.is_compiling() and x.is_cuda and guard_or_false(rows <= FUSED_MAX_ROWS):
         y = qdot_rows(x2, data, scales).to(x.dtype)
-    elif cpu and rows <= kernel_max_rows and x.shape[-1] % 64 == 0 and has_quant_kernels():
+    elif cpu and rows <= kernel_max_rows and x.shape[-1] % 64 == 0 and has_cpu_kernels():
         y = quant_rows(x2, data, scales)
-    elif cpu and int8 and rows <= INT8_KERNEL_MAX_ROWS:  # where quant_cpu.cpp could not be built
+    elif cpu and int8 and rows <= INT8_KERNEL_MAX_ROWS:  # where cpu_kernels.cpp could not be built
         y = torch._weight_int8pack_mm(x2.to(scales.dtype).contiguous(), data, scales).to(x.dtype)
     else:
         y = F.linear(x2, dequantize(data, scales, x.dtype))
@@ -408,18 +408,18 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
 
 
 @functools.cache
-def quant_cpu_library():
-    """quant_cpu.cpp built for this CPU with the C++ compiler inductor uses too ($CXX or g++), once:
+def cpu_library():
+    """cpu_kernels.cpp built for this CPU with the C++ compiler inductor uses too ($CXX or g++), once:
     the library is kept in $MEDMOE_CACHE (~/.cache/medmoe), named by a hash of the source and of what
     it was built for. None, with a warning, where it cannot be built: int4 then dequantises, int8
-    runs PyTorch's kernel."""
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant_cpu.cpp")
+    runs PyTorch's kernel, and a decoded row's attention two fp32 matmuls."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
     cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"  # a missing one fails below, with the warning
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + " ".join([cxx, *flags, platform.machine(), platform.processor(), _cpu_flags()]).encode())
     cache = os.environ.get("MEDMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medmoe")
-    path = os.path.join(cache, f"quant_cpu-{key.hexdigest()[:16]}.so")
+    path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -429,13 +429,14 @@ def quant_cpu_library():
         except OSError as e:  # no compiler, or $CXX names no program
             error = str(e)
         if error is not None:
-            warnings.warn(f"could not build quant_cpu.cpp ({cxx}): int4 weights are dequantised for every product (slow), "
-                          f"int8 runs PyTorch's kernel\n{error}", stacklevel=2)
+            warnings.warn(f"could not build cpu_kernels.cpp ({cxx}): int4 weights are dequantised for every product (slow), "
+                          f"int8 runs PyTorch's kernel, attention PyTorch's matmuls\n{error}", stacklevel=2)
             return None
         os.replace(tmp, path)  # atomic: another process building the same file at once is harmless
     library = ctypes.CDLL(path)
     library.int4_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
     library.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    library.one_row_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
     library.best = library.best_loop()  # looked up once: quant_rows runs ~200 times a decoded token
     return library
 
@@ -450,12 +451,12 @@ def _cpu_flags():
 
 
 @torch.compiler.assume_constant_result
-def has_quant_kernels() -> bool:
-    return quant_cpu_library() is not None
+def has_cpu_kernels() -> bool:
+    return cpu_library() is not None
 
 
 def _quant_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tensor:
-    """x [M, K] @ w.T -> [M, N] in x's dtype, for an int8 or int4 (data, scales) on a CPU: quant_cpu.cpp,
+    """x [M, K] @ w.T -> [M, N] in x's dtype, for an int8 or int4 (data, scales) on a CPU: cpu_kernels.cpp,
     x rounded to int16 (int8 weights) or int8 (int4 weights), a scale per 32 inputs, and multiplied in
     integers. loop: 0 portable, 1 AVX2, 2 AVX512-VNNI, up to the best this CPU has (the default, -1)."""
     if x.dtype not in (torch.float32, torch.bfloat16):
@@ -463,7 +464,7 @@ def _quant_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tens
     x, data, scales = x.contiguous(), data.contiguous(), scales.contiguous()
     (M, K), N = x.shape, data.shape[-2]
     y = x.new_empty(M, N)
-    library, bf16, threads = quant_cpu_library(), x.dtype == torch.bfloat16, torch.get_num_threads()
+    library, bf16, threads = cpu_library(), x.dtype == torch.bfloat16, torch.get_num_threads()
     loop = library.best if loop < 0 else loop
     if data.dtype == torch.int8:
         library.int8_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, bf16, threads, loop)
@@ -485,6 +486,36 @@ quant_rows = torch.ops.medmoe.quant_rows.default
 @torch.library.register_fake("medmoe::quant_rows")
 def _(x, data, scales, loop=-1):
     return x.new_empty(x.shape[0], data.shape[-2])
+
+
+def attention_kernel_takes(q: Tensor, k: Tensor, mask: Tensor) -> bool:
+    """Whether one_row_attention's kernel takes these: a CPU, q and the cache both fp32 or both bf16, a
+    head size that is a multiple of 16 up to 128, and a boolean mask."""
+    D = q.shape[-1]
+    return (q.device.type == "cpu" and q.dtype == k.dtype and q.dtype in (torch.float32, torch.bfloat16)
+            and D % 16 == 0 and D <= 128 and mask.dtype == torch.bool and has_cpu_kernels())
+
+
+def _one_row_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k / sqrt(D)) v for one decoded row q [B, H, 1, D] over the cache k, v [B, KVH, S, D]
+    where mask [B or 1, 1, 1, S] (bool) is set, every product in fp32: cpu_kernels.cpp. Takes what
+    attention_kernel_takes allows."""
+    (B, H, _, D), (KVH, S) = q.shape, k.shape[1:3]
+    q, k, v, mask = q.contiguous(), k.contiguous(), v.contiguous(), mask.expand(B, 1, 1, S).reshape(B, S).contiguous()
+    out = torch.empty_like(q)
+    cpu_library().one_row_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), B, H, KVH, S, D,
+                                    q.dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+_library.define("one_row_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor")
+_library.impl("one_row_attention", _one_row_attention, "CPU")
+one_row_attention = torch.ops.medmoe.one_row_attention.default
+
+
+@torch.library.register_fake("medmoe::one_row_attention")
+def _(q, k, v, mask):
+    return q.new_empty(q.shape)
 
 
 FUSED_MAX_ROWS = 16  # rows of x that a compiled CUDA decode step runs through dot_rows (dequantised in its loads)

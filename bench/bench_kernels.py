@@ -10,12 +10,12 @@ candidates are timed round-robin, --rounds rounds; the table shows the median. T
 summing a 2 GiB tensor, measured in the same run: "of the ceiling" is GB/s read / that.
 
 The candidates are the kernels medmoe runs (kernels.linear / kernels.qlinear, eager and in a
-compiled decode step; int8 and int4 through our quant_cpu.cpp, each of its loops) plus
+compiled decode step; int8 and int4 through our cpu_kernels.cpp, each of its loops) plus
 some it does not: PyTorch's own int4 kernel on the same weights, the one-row kernel as one sum
 over a row longer than 4096 (inductor's cascade helper, which kernels.dot_rows avoids by summing
 pieces), inductor's fused loop over int8 weights (what a CUDA step runs), the two packed kernels
 on fp32 activations (why qlinear runs them in bf16), and fbgemm's int8 dynamic-quantized linear,
-which rounds the activations to 8 bits with one scale for the whole row (quant_cpu.cpp rounds
+which rounds the activations to 8 bits with one scale for the whole row (cpu_kernels.cpp rounds
 them to 16 bits for int8 weights, with one scale per 32 inputs). On real SmolLM2 weights fbgemm's
 moved the next-token logits to cosine 0.98 of fp32's and changed 18 of 20 greedy answers
 (BENCHMARKS.md).
@@ -64,11 +64,11 @@ def candidates(N, K, M):
         "bf16w (fp32 x), compiled one-row kernel": (2, lambda: [one_row(x32, w) for w in w16]),
         "bf16, compiled one-row kernel as one sum (not used)": (2, lambda: [one_sum(x16, w) for w in w16]),
         "bf16w (fp32 x), eager, upcast in 1024-row blocks": (2, lambda: [kernels.linear(x32, w) for w in w16]),
-        "int8, quant_rows (quant_cpu.cpp, x rounded to int16)": (1, lambda: [kernels.quant_rows(x16, *q) for q in q8]),
+        "int8, quant_rows (cpu_kernels.cpp, x rounded to int16)": (1, lambda: [kernels.quant_rows(x16, *q) for q in q8]),
         "int8, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (1, lambda: [kernels.quant_rows(x16, *q, 1) for q in q8]),
         "int8, quant_rows' portable loop (CPUs without AVX2)": (1, lambda: [kernels.quant_rows(x16, *q, 0) for q in q8]),
         "int8, _weight_int8pack_mm (without a C++ compiler)": (1, lambda: [torch._weight_int8pack_mm(x16, *q) for q in q8]),
-        "int4 g64, quant_rows (quant_cpu.cpp, x rounded to int8)": (0.5, lambda: [kernels.quant_rows(x16, *q) for q in q4]),
+        "int4 g64, quant_rows (cpu_kernels.cpp, x rounded to int8)": (0.5, lambda: [kernels.quant_rows(x16, *q) for q in q4]),
         "int4 g64, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (0.5, lambda: [kernels.quant_rows(x16, *q, 1) for q in q4]),
         "int4 g64, quant_rows' portable loop (CPUs without AVX2)": (0.5, lambda: [kernels.quant_rows(x16, *q, 0) for q in q4]),
         "int4 g64, _weight_int4pack_mm_for_cpu (not used)": (

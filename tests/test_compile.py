@@ -1,5 +1,6 @@
 """torch.compile of the whole model: same numbers as eager, few graphs over varying lengths."""
 
+import pytest
 import torch
 import torch._dynamo
 
@@ -41,21 +42,42 @@ def test_compiled_decoding_matches_eager_with_one_graph():
     assert graphs() - before == 1
 
 
-def test_one_row_attention_equals_sdpa_with_grouped_heads_and_padding():
-    """The compiled CPU decode step's attention (one query row) against SDPA itself, eager and compiled."""
+def attention_in_fp64(q, k, v, mask):
+    B, H, _, D = q.shape
+    q = q.double().view(B, k.shape[1], H // k.shape[1], D)
+    att = (q @ k.double().transpose(-1, -2) * D**-0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    return (att @ v.double()).view(B, H, 1, D)
+
+
+@pytest.mark.parametrize("form", ["kernel", "matmuls"])
+@pytest.mark.parametrize("heads, kv_heads, D", [(4, 4, 16), (6, 2, 64), (2, 2, 80)])
+def test_one_row_attention_in_fp32_with_grouped_heads_and_padding(monkeypatch, form, heads, kv_heads, D):
+    """A decoded row's attention (cpu_kernels.cpp's kernel, or two fp32 matmuls where it does not apply), eager and
+    compiled, against the same in fp64: within fp32 rounding, and within the output's own rounding for a bf16 cache."""
+    if form == "kernel" and not M.kernels.has_cpu_kernels():
+        pytest.skip("cpu_kernels.cpp could not be built here")
+    takes = M.kernels.attention_kernel_takes
+    monkeypatch.setattr(M.kernels, "attention_kernel_takes", lambda q, k, mask: form == "kernel" and takes(q, k, mask))
+    torch._dynamo.reset()
     torch.manual_seed(0)
     compiled = torch.compile(M.one_row_attention, fullgraph=True)
-    for heads, kv_heads in ((4, 4), (6, 2)):
-        q, k, v = torch.randn(2, heads, 1, 16), torch.randn(2, kv_heads, 40, 16), torch.randn(2, kv_heads, 40, 16)
-        mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
-        mask[0, ..., :7] = True  # a short row: most of the cache not yet written
-        mask[1, ..., 3:30] = True  # a left-padded row
-        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
-        for fn in (M.one_row_attention, compiled):
-            assert torch.allclose(fn(q, k, v, mask), want, atol=1e-5)
-            # a bf16 cache: scores and probabilities rounded to bf16, as transformers' eager attention rounds them
-            got = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
-            assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, atol=3e-2)
+    q, k, v = torch.randn(2, heads, 1, D), torch.randn(2, kv_heads, 40, D) * 3, torch.randn(2, kv_heads, 40, D)
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)  # 40: the kernel's last block of 16 keys is partly past the end
+    mask[0, ..., :7] = True  # a short row: most of the cache not yet written
+    mask[1, ..., 3:30] = True  # a left-padded row
+    for fn in (M.one_row_attention, compiled):
+        for m in (mask, mask[:1]):  # the second: one mask for the whole batch
+            assert (fn(q, k, v, m) - attention_in_fp64(q, k, v, m)).abs().max() < 1e-6
+        q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        got, want = fn(q16, k16, v16, mask), attention_in_fp64(q16, k16, v16, mask)
+        assert got.dtype == torch.bfloat16 and ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
+
+
+def test_one_row_attention_kernel_opcheck():
+    if not M.kernels.has_cpu_kernels():
+        pytest.skip("cpu_kernels.cpp could not be built here")
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 20, 32), torch.randn(2, 2, 20, 32)
+    torch.library.opcheck(M.kernels.one_row_attention, (q, k, v, torch.rand(2, 1, 1, 20) < 0.7))
 
 
 def test_compiled_batched_decoding_with_grouped_heads_matches_eager():

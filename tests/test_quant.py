@@ -88,7 +88,7 @@ def test_unsupported_int4_shapes_are_value_errors():
 
 # ----------------------------------------------------------------------------- kernels
 
-needs_kernels = pytest.mark.skipif(not kernels.has_quant_kernels(), reason="quant_cpu.cpp could not be built here")
+needs_kernels = pytest.mark.skipif(not kernels.has_cpu_kernels(), reason="cpu_kernels.cpp could not be built here")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -204,7 +204,7 @@ def kernel_inputs(seed, rows, dtype):
 def check_each_loop(x, data, scales, want):
     """quant_rows in each of its loops this CPU runs, against want up to float rounding; returns the last answer."""
     tol = 1e-5 if x.dtype == torch.float32 else 2**-8
-    for loop in range(kernels.quant_cpu_library().best_loop() + 1):
+    for loop in range(kernels.cpu_library().best_loop() + 1):
         got = kernels.quant_rows(x, data, scales, loop)
         assert got.dtype == x.dtype and got.shape == (x.shape[0], data.shape[0])
         assert rel_err(got, want) < tol, loop
@@ -254,15 +254,15 @@ def test_quant_rows_opcheck(bits):
 def test_kernels_that_cannot_be_built_are_a_warning(monkeypatch, tmp_path, cxx):
     monkeypatch.setenv("CXX", cxx)
     monkeypatch.setenv("MEDMOE_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="could not build quant_cpu.cpp"):
-        assert kernels.quant_cpu_library.__wrapped__() is None
+    with pytest.warns(UserWarning, match="could not build cpu_kernels.cpp"):
+        assert kernels.cpu_library.__wrapped__() is None
     assert os.listdir(tmp_path) == []
 
 
 # int4 dequantises, int8 runs PyTorch's packed kernel; int8 rows not a multiple of 64 long run it too
 @pytest.mark.parametrize("bits, K, built", [(4, 128, False), (8, 128, False), (8, 96, True)])
 def test_without_our_kernels_qlinear_dequantises_or_packs(monkeypatch, bits, K, built):
-    monkeypatch.setattr(kernels, "has_quant_kernels", lambda: built)
+    monkeypatch.setattr(kernels, "has_cpu_kernels", lambda: built)
     data, scales = kernels.quantize(torch.randn(16, K), bits, 32)
     x = torch.randn(1, K)
     want = x.double() @ kernels.dequantize(data, scales).double().T

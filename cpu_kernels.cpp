@@ -1,7 +1,8 @@
-// A few rows of x (decoding) through int4 or int8 weights on a CPU. kernels.py compiles this file
-// once per machine (kernels.quant_cpu_library) and calls it as torch.ops.medmoe.quant_rows.
+// A decoded token's CPU kernels: a few rows of x through int4 or int8 weights (quant_rows), and one
+// row's attention over the KV cache (one_row_attention, at the end of the file). kernels.py compiles
+// this file once per machine (kernels.cpu_library) and calls them as torch.ops.medmoe ops.
 //
-// Why by hand: PyTorch's _weight_int4pack_mm_for_cpu (and torchao's int4 CPU layout, which calls
+// Why the products by hand: PyTorch's _weight_int4pack_mm_for_cpu (and torchao's int4 CPU layout, which calls
 // it) turns every int4 weight into a float and multiplies in floating point: ~35 G weights/s on
 // two cores, slower than memory delivers 4-bit weights, and _weight_int8pack_mm reads int8 weights
 // at about half the speed memory delivers them. Here x is rounded to integers as well, with a scale
@@ -355,5 +356,125 @@ extern "C" void int8_rows(const void* x, const int8_t* data, const uint16_t* sca
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int n = 0; n < N; n++) {  // each thread streams its rows, one after another
     for (int m = 0; m < M; m++) store(y, (size_t)m * N + n, row(data + (size_t)n * K, rows[m], K) * from_bf16(scales[n]), bf16);
+  }
+}
+
+// ----------------------------------------------------------------------------- one row's attention
+
+// Why by hand: a decoded token's attention reads the whole KV cache (StableLM-2 with a 768-long bf16
+// cache: 151 MB a token, 13% of what its int4 weights are) and does little arithmetic on it.
+// PyTorch's forms read it slowly on a CPU: SDPA's kernel is made for blocks of queries, eager fp32
+// matmuls first copy the cache to fp32, and inductor's fused loop is no faster than memory allows
+// it to be. Here each query row streams its key and value rows once, in fp32 arithmetic as
+// medmoe.one_row_attention's matmuls do. 24 StableLM layers (2 threads, BENCHMARKS.md): 5.0-5.8 ms
+// against inductor's 8.6 and the eager matmuls' 11.8-12.5. Written with GCC's vector extensions (16 fp32 lanes): the
+// compiler makes AVX-512 of them where the CPU has it, pairs of AVX2 registers otherwise.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+static inline f32x16 load16(const void* p, int bf16, size_t i) {  // elements i..i+15 of p as fp32
+  f32x16 v;
+  if (!bf16) {
+    memcpy(&v, (const float*)p + i, 64);
+    return v;
+  }
+  u16x16 h;
+  memcpy(&h, (const uint16_t*)p + i, 32);
+  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);  // bf16 is fp32's upper half
+}
+
+// e^x for x <= 0, Cephes' expf (within ~1 ulp): x = n ln2 + r, e^r by a degree-6 polynomial, times 2^n
+static inline f32x16 exp16(f32x16 x) {
+  x = x < -87.f ? f32x16{} - 87.f : x;  // e^-87 ~ 1.6e-38: 2^n stays a normal float
+  i32x16 n = -__builtin_convertvector(0.5f - x * 1.44269504088896341f, i32x16);  // round(x / ln2): truncating a positive
+  f32x16 nf = __builtin_convertvector(n, f32x16);
+  f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;            // ln2 in two parts, so r keeps its low bits
+  f32x16 p = 1.9875691500E-4f * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.f;
+  return (f32x16)((i32x16)p + (n << 23));  // times 2^n: n added to the exponent's bits
+}
+
+// 16 vectors -> one vector whose lane j is the sum of a[j]'s lanes: a tree of pairwise sums that
+// transposes as it goes (45 operations for 16 dot products, against 16 horizontal sums of ~8 each).
+// Level l pairs vectors and adds the lanes of each that lie 8 / 4 / 2 / 1 apart.
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, i32x16{__VA_ARGS__})
+#endif
+#define PAIR_SUM(a, b, L, H) (SHUFFLE(a, b, L) + SHUFFLE(a, b, H))
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
+#define LO2 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
+#define HI2 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
+#define LO1 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define HI1 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+static inline f32x16 sum_lanes16(const f32x16* a) {
+  f32x16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; i++) b[i] = PAIR_SUM(a[2 * i], a[2 * i + 1], LO8, HI8);
+  for (int i = 0; i < 4; i++) c[i] = PAIR_SUM(b[2 * i], b[2 * i + 1], LO4, HI4);
+  for (int i = 0; i < 2; i++) d[i] = PAIR_SUM(c[2 * i], c[2 * i + 1], LO2, HI2);
+  return PAIR_SUM(d[0], d[1], LO1, HI1);
+}
+
+// One query row q [D] over keys and values k, v [S, D] where mask is 1: out [D] = softmax(q k / sqrt(D)) v,
+// every product in fp32. p: room for S scores, rounded up to a multiple of 16.
+static void attend_row(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, int S, int D, int bf16,
+                       float* p) {
+  const f32x16 zero = {}, minus_inf = zero - INFINITY;
+  f32x16 qs[8], o[8] = {}, mx = minus_inf, sum = zero;
+  for (int c = 0; c < D / 16; c++) qs[c] = load16(q, bf16, 16 * c) / sqrtf((float)D);
+  for (int s0 = 0; s0 < S; s0 += 16) {  // scores, 16 keys at a time
+    f32x16 dots[16];
+    i32x16 keep;
+    for (int j = 0; j < 16; j++) {
+      keep[j] = s0 + j < S && mask[s0 + j];  // past the end of the cache: as if masked
+      dots[j] = zero;
+      for (int c = 0; keep[j] && c < D / 16; c++) dots[j] += qs[c] * load16(k, bf16, (size_t)(s0 + j) * D + 16 * c);
+    }
+    f32x16 sc = keep != 0 ? sum_lanes16(dots) : minus_inf;
+    memcpy(p + s0, &sc, 64);
+    mx = mx > sc ? mx : sc;
+  }
+  float m = -INFINITY;
+  for (int j = 0; j < 16; j++) m = fmaxf(m, mx[j]);
+  for (int s0 = 0; s0 < S; s0 += 16) {  // e^(score - max); 0 where masked
+    f32x16 x, e;
+    memcpy(&x, p + s0, 64);
+    e = x == minus_inf ? zero : exp16(x - m);
+    memcpy(p + s0, &e, 64);
+    sum += e;
+  }
+  for (int s = 0; s < S; s++)  // the values, weighted: a masked one (0) is not read
+    for (int c = 0; p[s] != 0 && c < D / 16; c++) o[c] += p[s] * load16(v, bf16, (size_t)s * D + 16 * c);
+  float total = 0;
+  for (int j = 0; j < 16; j++) total += sum[j];
+  for (int c = 0; c < D / 16; c++)
+    for (int j = 0; j < 16; j++) store(out, 16 * c + j, o[c][j] / total, bf16);
+}
+
+// out [B, H, D] = attention of q [B, H, D] over the cache k, v [B, KVH, S, D] where mask [B, S] is 1.
+// Query head h reads key/value head h / (H / KVH) (grouped-query attention). D a multiple of 16 up
+// to 128; q, k, v, out all fp32 (bf16 = 0) or all bf16 (bf16 = 1).
+extern "C" void one_row_attention(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, int B, int H,
+                                  int KVH, int S, int D, int bf16, int threads) {
+  const size_t es = bf16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> p((S + 15) / 16 * 16);
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+      size_t kv = (size_t)(bh / H) * KVH + bh % H / (H / KVH);
+      attend_row((const char*)q + bh * D * es, (const char*)k + kv * S * D * es, (const char*)v + kv * S * D * es,
+                 mask + (size_t)(bh / H) * S, (char*)out + bh * D * es, S, D, bf16, p.data());
+    }
   }
 }
