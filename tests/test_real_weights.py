@@ -88,13 +88,15 @@ def decoded_logits(model, prompt, path):
     """The next-token logits after prompt and after each token of path, the tokens fed one at a time
     through the KV cache (model.decode_step), as greedy decoding runs them had it chosen path."""
     llm, T = model.llm, len(prompt) + len(path)
-    cache = llm.setup_cache(1, T, llm.embed.weight.dtype, "cpu")
+    with torch.inference_mode():
+        embeds = model.splice([prompt])[0]  # in the dtype decoding computes in (bf16w: fp32)
+    cache = llm.setup_cache(1, T, embeds.dtype, "cpu")
     try:
         key_valid = torch.zeros(1, T, dtype=torch.bool)
         key_valid[:, : len(prompt)] = True
         pos = torch.arange(len(prompt))
         with torch.inference_mode():
-            logits = [llm(llm.embed(torch.tensor([prompt])), pos[None], key_valid, pos, last_only=True)[0]]
+            logits = [llm(embeds, pos[None], key_valid, pos, last_only=True)[0]]
             for tok in path[:-1]:
                 pos = pos[-1:] + 1
                 key_valid[:, pos] = True
