@@ -2,9 +2,9 @@
 // row's attention over the KV cache (one_row_attention, at the end of the file). kernels.py compiles
 // this file once per machine (kernels.cpu_library) and calls them as torch.ops.medmoe ops.
 //
-// Why the products by hand: PyTorch's _weight_int4pack_mm_for_cpu (and torchao's int4 CPU layout, which calls
-// it) turns every int4 weight into a float and multiplies in floating point: ~35 G weights/s on
-// two cores, slower than memory delivers 4-bit weights, and _weight_int8pack_mm reads int8 weights
+// Why the products by hand: PyTorch's _weight_int4pack_mm_for_cpu (and torchao's int4 CPU layout,
+// which calls it) turns every int4 weight into a float and multiplies in floating point: ~35 G
+// weights/s on two cores, slower than memory delivers 4-bit weights; _weight_int8pack_mm reads int8 weights
 // at about half the speed memory delivers them. Here x is rounded to integers as well, with a scale
 // per 32 inputs, and the products are integer dot products that keep up with memory (kernels.py
 // and BENCHMARKS.md have the measurements): AVX512-VNNI's vpdpbusd multiplies 64 byte pairs in one
@@ -364,11 +364,11 @@ extern "C" void int8_rows(const void* x, const int8_t* data, const uint16_t* sca
 // Why by hand: a decoded token's attention reads the whole KV cache (StableLM-2 with a 768-long bf16
 // cache: 151 MB a token, 13% of what its int4 weights are) and does little arithmetic on it.
 // PyTorch's forms read it slowly on a CPU: SDPA's kernel is made for blocks of queries, eager fp32
-// matmuls first copy the cache to fp32, and inductor's fused loop is no faster than memory allows
-// it to be. Here each query row streams its key and value rows once, in fp32 arithmetic as
+// matmuls first copy the cache to fp32, and inductor's fused loop reads it at two thirds of the
+// memory's speed. Here each query row streams its key and value rows once, in fp32 arithmetic as
 // medmoe.one_row_attention's matmuls do. 24 StableLM layers (2 threads, BENCHMARKS.md): 5.0-5.8 ms
-// against inductor's 8.6 and the eager matmuls' 11.8-12.5. Written with GCC's vector extensions (16 fp32 lanes): the
-// compiler makes AVX-512 of them where the CPU has it, pairs of AVX2 registers otherwise.
+// against inductor's 8.6 and the eager matmuls' 11.8-12.5. Written with GCC's vector extensions
+// (16 fp32 lanes): the compiler makes AVX-512 of them where the CPU has it, AVX2 pairs otherwise.
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
