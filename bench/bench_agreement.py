@@ -45,16 +45,24 @@ def int8_weights_fp32_products(directory):
     return model
 
 
-def ours(prompts, ref, model, eos):
-    def answers(m, batched):
-        if batched:
-            return m.generate(prompts, max_new_tokens=NEW_TOKENS, stop_ids=eos)
-        return [m.generate([p], max_new_tokens=NEW_TOKENS, stop_ids=eos)[0] for p in prompts]
+def answers(model, prompts, eos, batched):
+    if batched:
+        return model.generate(prompts, max_new_tokens=NEW_TOKENS, stop_ids=eos)
+    return [model.generate([p], max_new_tokens=NEW_TOKENS, stop_ids=eos)[0] for p in prompts]
 
+
+def reference(prompts, ref, eos):
+    """fp32's answers (batched, one at a time), its greedy paths and its choice at each of their decoded steps."""
     paths = ref.generate(prompts, max_new_tokens=NEW_TOKENS, stop_ids=[])
-    other = sum((decoded_logits(model, p, path).argmax(-1) != decoded_logits(ref, p, path).argmax(-1)).sum().item()
-                for p, path in zip(prompts, paths))
-    same = [sum(a == b for a, b in zip(answers(model, batched), answers(ref, batched))) for batched in (True, False)]
+    logits = [decoded_logits(ref, p, path) for p, path in zip(prompts, paths)]
+    return [answers(ref, prompts, eos, b) for b in (True, False)], paths, logits
+
+
+def ours(prompts, model, eos, fp32):
+    (want_batched, want_single), paths, logits = fp32
+    other = sum((decoded_logits(model, p, path).argmax(-1) != w.argmax(-1)).sum().item() for p, path, w in zip(prompts, paths, logits))
+    same = [sum(a == b for a, b in zip(answers(model, prompts, eos, batched), want))
+            for batched, want in ((True, want_batched), (False, want_single))]
     return same, other, sum(map(len, paths))
 
 
@@ -105,14 +113,13 @@ def main():
         models = {"bf16": medmoe.load_model(fp32, dtype=torch.bfloat16),
                   "bf16w (bf16 matrices, fp32 activations)": medmoe.load_model(fp32, dtype=torch.float32, matrix_dtype=torch.bfloat16),
                   "int8": medmoe.load_model(int8), "int8 weights, fp32 products": int8_weights_fp32_products(fp32)}
-        rows = {name: ours(prompts, ref, m, eos) for name, m in models.items()}
-        paths = ref.generate(prompts, max_new_tokens=NEW_TOKENS, stop_ids=[])
-        margins = torch.cat([decoded_logits(ref, p, path).topk(2).values.diff(dim=-1).neg().flatten() for p, path in zip(prompts, paths)])
+        fp32 = reference(prompts, ref, eos)
+        rows = {name: ours(prompts, m, eos, fp32) for name, m in models.items()}
+        margins = torch.cat([w.topk(2).values.diff(dim=-1).neg().flatten() for w in fp32[2]])
         if not args.no_transformers:
             hf, hf_fp32 = transformers_rows(gguf, prompts, eos)
             rows |= hf
-            ours_fp32 = [ref.generate([p], max_new_tokens=NEW_TOKENS, stop_ids=eos)[0] for p in prompts]
-            rows["medmoe fp32, against transformers fp32"] = (["", sum(a == b for a, b in zip(ours_fp32, hf_fp32))], 0, 0)
+            rows["medmoe fp32, against transformers fp32"] = (["", sum(a == b for a, b in zip(fp32[0][1], hf_fp32))], 0, 0)
     print(f"\n### Greedy agreement on SmolLM2-135M-Instruct, {len(PROMPTS)} prompts, {NEW_TOKENS} tokens, {args.threads} threads\n")
     print("| model, against its fp32 | answers identical, batched | one prompt at a time | other choices, teacher-forced |")
     print("|---|---|---|---|")

@@ -113,13 +113,19 @@ def decoded_logits(model, prompt, path):
 MAX_OTHER_CHOICES = {"bf16": 16, "int8": 20}
 
 
-@pytest.mark.parametrize("variant", ["bf16", "int8"])
-def test_decoded_steps_choose_fp32s_token(models, variant):
+@pytest.fixture(scope="module")
+def fp32_choices(models):
+    """fp32's greedy answers, and its choice at each of their decoded steps (computed once for both variants)."""
     loaded, _, prompts = models
-    ref, model = loaded["fp32"], loaded[variant]
-    paths = ref.generate(prompts, max_new_tokens=16, stop_ids=[])
-    other = sum((decoded_logits(model, p, path).argmax(-1) != decoded_logits(ref, p, path).argmax(-1)).sum().item()
-                for p, path in zip(prompts, paths))
+    paths = loaded["fp32"].generate(prompts, max_new_tokens=16, stop_ids=[])
+    return paths, [decoded_logits(loaded["fp32"], p, path).argmax(-1) for p, path in zip(prompts, paths)]
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8"])
+def test_decoded_steps_choose_fp32s_token(models, fp32_choices, variant):
+    loaded, _, prompts = models
+    paths, want = fp32_choices
+    other = sum((decoded_logits(loaded[variant], p, path).argmax(-1) != w).sum().item() for p, path, w in zip(prompts, paths, want))
     assert other <= MAX_OTHER_CHOICES[variant]
 
 
