@@ -266,8 +266,8 @@ def dispatch_samples(experts, chosen, inputs, *args):
 # ----------------------------------------------------------------------------- weight-only quantization
 # A quantized weight is a pair (data, scales); which kind it is follows from data's dtype:
 #   int8  data int8  [..., N, K], scales [..., N]: w = data * scale, per output channel (symmetric)
-#   int4  data uint8 [..., N, K/2], scales [..., N/4, K/g, 4, 2] = (scale, zero) per row and group of
-#         g inputs: w = (q - 8) * scale + zero. Data and scales in tiles of 4 rows, the layout
+#   int4  data uint8 [..., N, K/2], scales [..., N/16, K/g, 2, 16] = (scale, zero) per row and group
+#         of g inputs: w = (q - 8) * scale + zero. Data and scales in tiles of 16 rows, the layout
 #         cpu_kernels.cpp reads (_pack_int4).
 # Scales are kept in bf16, the dtype the CPU kernels are fast in. Decoding (a few rows) runs our
 # kernels (quant_rows) on a CPU, a fused dequantisation in a compiled CUDA step (qlinear). More rows
@@ -295,6 +295,9 @@ def dispatch_samples(experts, chosen, inputs, *args):
 #   int4 g64, 5632x2048, x to int8      29.8       (22.5, 11.7)              17.8               55.4
 #   int8, 5632x2048, x to int16         45.7       (43.2, 28.9)              18.3               55.4
 #   int8, 2048x5632                     44.1       (42.2, 29.8)              24.8               55.5
+#   int4 g64 in 16-row tiles (now)      23.9       (22.6, 7.2)               17.4               31.5
+# (the first row is the 4-row tiles of before; the tiles of 16 rows, cpu_kernels.cpp, read 88 GB/s
+# from cache against their 52, and stream at the memory's speed: see the last row, on slower memory)
 # (inductor's fused loop over int8 weights, which a compiled CPU step ran before: 28.7 and 12.5.)
 # x is rounded to int8 for int4 weights: on SmolLM2 (groups of 32) perplexity 15.095 against 15.035
 # dequantised (fp32 15.002), tests/test_real_weights.py. For int8 weights to int16, as fast and
@@ -303,9 +306,9 @@ def dispatch_samples(experts, chosen, inputs, *args):
 INT8_KERNEL_MAX_ROWS = 8  # quant_rows (or the packed kernel); beyond, dequantising was faster
 INT4_KERNEL_MAX_ROWS = 128
 INT4_GROUPS = (32, 64, 128, 256)
-INT4_LAYOUT = 2  # stored in checkpoints (QuantConfig.int4_layout): 1 was PyTorch's _convert_weight_to_int4pack_for_cpu
+INT4_LAYOUT = 3  # stored in checkpoints (QuantConfig.int4_layout): 1 was PyTorch's _convert_weight_to_int4pack_for_cpu, 2 tiles of 4 rows
 SCALE_DTYPE = torch.bfloat16
-_ROW_CHUNK = 8192  # quantise this many output rows at a time (a multiple of the 4-row tiles)
+_ROW_CHUNK = 8192  # quantise this many output rows at a time (a multiple of the 16-row tiles)
 
 
 def quantize(w: Tensor, bits: int, group: int = 64) -> tuple[Tensor, Tensor]:
@@ -314,9 +317,9 @@ def quantize(w: Tensor, bits: int, group: int = 64) -> tuple[Tensor, Tensor]:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, not {bits}")
     *lead, N, K = w.shape
-    if bits == 4 and (group not in INT4_GROUPS or K % group or K % 64 or N % 4):
+    if bits == 4 and (group not in INT4_GROUPS or K % group or K % 64 or N % 16):
         raise ValueError(f"int4 needs the input size ({K}) divisible by 64 and by the group size {group} (one of {INT4_GROUPS}), "
-                         f"and the output size ({N}) by 4")
+                         f"and the output size ({N}) by 16")
     flat = w.reshape(-1, N, K)
     parts = [_quantize_rows(flat[:, i : i + _ROW_CHUNK], bits, group) for i in range(0, N, _ROW_CHUNK)]
     data = torch.cat([p[0] for p in parts], 1).reshape(*lead, N, -1)
@@ -338,26 +341,28 @@ def _quantize_rows(w, bits, group):
     scale = ((hi - lo) / 15).clamp(min=1e-12).to(SCALE_DTYPE)  # asymmetric: each group's range onto 0..15
     zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)  # the kernel reads  w = (q - 8) * scale + zero
     q = ((g - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15).to(torch.uint8).reshape(E, N, K)
-    scales = torch.stack([scale, zero], -1).reshape(E, N // 4, 4, K // group, 2).transpose(2, 3)
-    return _pack_int4(q), scales.contiguous()  # [E, N/4, K/g, 4, 2]
+    scales = torch.stack([scale, zero], -1).reshape(E, N // 16, 16, K // group, 2).permute(0, 1, 3, 4, 2)
+    return _pack_int4(q), scales.contiguous()  # [E, N/16, K/g, 2, 16]
 
 
 def _pack_int4(q):
-    """[..., N, K] values 0..15 -> [..., N/4, K/64, 4, 32] bytes, viewed [..., N, K/2]: tiles of 4 rows,
-    each row's inputs 64c..64c+63 in 32 bytes, input 64c+j in the low nibble of byte j and 64c+32+j in
-    the high one (cpu_kernels.cpp reads a pair of rows' 64 bytes as one vector)."""
+    """[..., N, K] values 0..15 -> [..., N/16, K/32, 4, 16, 4] bytes, viewed [..., N, K/2]: tiles of 16
+    rows; in block b of 32 inputs, vector j holds 4 bytes of each row, byte t with input 32b+4j+t in
+    its low nibble and 32b+16+4j+t in its high one (cpu_kernels.cpp reads a vector of 64 bytes, one
+    lane of 4 bytes per row)."""
     *lead, N, K = q.shape
-    q = q.to(torch.uint8).reshape(*lead, N // 4, 4, K // 64, 2, 32)
-    return (q[..., 0, :] | q[..., 1, :] << 4).transpose(-3, -2).reshape(*lead, N, K // 2)
+    q = q.to(torch.uint8).reshape(*lead, N // 16, 16, K // 32, 2, 4, 4)
+    return (q[..., 0, :, :] | q[..., 1, :, :] << 4).transpose(-4, -2).transpose(-4, -3).reshape(*lead, N, K // 2)
 
 
 def _unpack_int4(data, dtype=torch.uint8):
     """Packed [..., N, K/2] -> the values 0..15 as dtype [..., N, K]."""
     *lead, N, half = data.shape
-    tiles = data.reshape(*lead, N // 4, half // 32, 4, 32).transpose(-3, -2)  # [..., N/4, 4, K/64, 32]
+    tiles = data.reshape(*lead, N // 16, half // 16, 4, 16, 4).transpose(-4, -2).transpose(-3, -2)  # [..., N/16, 16, K/32, 4, 4]
+    tiles = tiles.flatten(-2)  # [..., N/16, 16, K/32, 16]: each row's block, its low nibbles' inputs first
     if torch.compiler.is_compiling():  # pure expressions, which inductor fuses into the kernel that reads them
         return torch.stack([tiles & 15, tiles >> 4], -2).reshape(*lead, N, 2 * half).to(dtype)
-    out = data.new_empty((*lead, N // 4, 4, half // 32, 2, 32), dtype=dtype)  # each nibble written once, in place
+    out = data.new_empty((*lead, N // 16, 16, half // 16, 2, 16), dtype=dtype)  # each nibble written once, in place
     out[..., 0, :].copy_(tiles & 15)
     out[..., 1, :].copy_(tiles >> 4)
     return out.view(*lead, N, 2 * half)
@@ -369,10 +374,16 @@ def dequantize(data: Tensor, scales: Tensor, dtype=torch.float32) -> Tensor:
         return data.to(dtype).mul_(scales.to(dtype)[..., None])
     w = _unpack_int4(data, dtype)
     *lead, N, K = w.shape
-    s = scales.to(dtype).transpose(-3, -2).reshape(*lead, N, -1, 2)  # [..., N, K/g, 2]
+    s = row_scales(scales.to(dtype))  # [..., N, K/g, 2]
     scale, zero = s[..., :1], s[..., 1:] - 8 * s[..., :1]  # w = (q - 8) * scale + zero = q * scale + (zero - 8 scale)
     # in place: eager bf16 addcmul with broadcast scales was 3x slower than mul_ + add_ (5632x2048, 2 threads)
     return w.view(*lead, N, s.shape[-2], -1).mul_(scale).add_(zero).view(*lead, N, K)
+
+
+def row_scales(scales: Tensor) -> Tensor:
+    """int4 scales [..., N/16, K/g, 2, 16] -> [..., N, K/g, 2]: each row's (scale, zero) per group."""
+    *lead, tiles, groups, _, rows = scales.shape
+    return scales.movedim(-1, -3).reshape(*lead, tiles * rows, groups, 2)
 
 
 def group_size(data, scales):

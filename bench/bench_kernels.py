@@ -39,9 +39,8 @@ from medmoe import kernels
 
 def torch_int4_layout(data, scales):
     """Our int4 (data, scales) in the layout torch._weight_int4pack_mm_for_cpu reads: the same weights."""
-    N, G = data.shape[0], scales.shape[-3]
     q = kernels._unpack_int4(data).int()
-    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales.transpose(-3, -2).reshape(N, G, 2).transpose(0, 1).contiguous()
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), kernels.row_scales(scales).transpose(0, 1).contiguous()
 
 
 def candidates(N, K, M):

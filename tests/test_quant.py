@@ -46,32 +46,34 @@ def test_int8_is_per_channel_and_within_half_a_step():
 def test_int4_groups_within_half_a_step(group):
     w = torch.randn(2, 80, 128) + torch.linspace(-3, 3, 128)  # groups with offsets: zeros matter
     data, scales = kernels.quantize(w, 4, group)
-    assert data.dtype == torch.uint8 and data.shape == (2, 80, 64) and scales.shape == (2, 20, 128 // group, 4, 2)
+    assert data.dtype == torch.uint8 and data.shape == (2, 80, 64) and scales.shape == (2, 5, 128 // group, 2, 16)
     q = kernels._unpack_int4(data)
     assert q.max() <= 15 and (q == 0).any() and (q == 15).any()
-    per_row = scales.float().transpose(-3, -2).reshape(2, 80, -1, 2).repeat_interleave(group, -2)  # [2, 80, 128, 2]
+    per_row = kernels.row_scales(scales.float()).repeat_interleave(group, -2)  # [2, 80, 128, 2]
     step, zero = per_row[..., 0], per_row[..., 1]
     err = (kernels.dequantize(data, scales) - w).abs()
     assert (err <= step * 0.51 + zero.abs() * 2**-8 + 8 * step * 2**-8 + 1e-6).all()
 
 
 def test_int4_layout_byte_by_byte():
-    """Tiles of 4 rows; in chunk c, row r's byte j holds inputs 64c+j (low nibble) and 64c+32+j
-    (high): int4_cpu.cpp's layout, spelled out one byte at a time."""
-    N, K = 8, 128
+    """Tiles of 16 rows; in block b of 32 inputs, vector j holds 4 bytes of each row i, byte t with
+    inputs 32b+4j+t (low nibble) and 32b+16+4j+t (high): cpu_kernels.cpp's layout, spelled out one byte at a time."""
+    N, K = 32, 128
     q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     data = kernels._pack_int4(q).flatten().tolist()
     i = 0
-    for t in range(N // 4):
-        for c in range(K // 64):
-            for r in range(4):
-                for j in range(32):
-                    assert data[i] == int(q[4 * t + r, 64 * c + j]) | int(q[4 * t + r, 64 * c + 32 + j]) << 4
-                    i += 1
+    for tile in range(N // 16):
+        for b in range(K // 32):
+            for j in range(4):
+                for r in range(16):
+                    for t in range(4):
+                        row, k = 16 * tile + r, 32 * b + 4 * j + t
+                        assert data[i] == int(q[row, k]) | int(q[row, k + 16]) << 4
+                        i += 1
     assert torch.equal(kernels._unpack_int4(kernels._pack_int4(q)), q)
 
 
-@pytest.mark.parametrize("N", [128, 12])
+@pytest.mark.parametrize("N", [128, 48])
 def test_compiled_dequantize_equals_eager(N):
     data, scales = kernels.quantize(torch.randn(3, N, 64), 4, 32)
     assert torch.equal(torch.compile(kernels.dequantize, fullgraph=True)(data, scales), kernels.dequantize(data, scales))
@@ -82,7 +84,7 @@ def test_unsupported_int4_shapes_are_value_errors():
         kernels.quantize(torch.randn(64, 96), 4, 32)
     with pytest.raises(ValueError, match="group size"):
         kernels.quantize(torch.randn(64, 64), 4, 16)
-    with pytest.raises(ValueError, match="by 4"):
+    with pytest.raises(ValueError, match="by 16"):
         kernels.quantize(torch.randn(42, 64), 4, 32)
 
 
@@ -195,7 +197,7 @@ def x_rounded_as_the_kernels_do(x, qmax=127):
 
 def kernel_inputs(seed, rows, dtype):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(12, 768, generator=g) * 0.05 + torch.linspace(-0.2, 0.2, 768)  # offsets: int4's zero term matters
+    w = torch.randn(48, 768, generator=g) * 0.05 + torch.linspace(-0.2, 0.2, 768)  # offsets: int4's zero term matters
     x = torch.randn(rows, 768, generator=g) * torch.linspace(0.1, 3, 768)
     x[:, 64:96] = 0  # a block of zeros (its scale is 1, not 0 / 127)
     return w, x.to(dtype)
@@ -223,7 +225,7 @@ def test_int4_kernel_computes_int8_rounded_x_times_the_dequantized_weights(group
     w, x = kernel_inputs(group + rows, rows, dtype)
     data, scales = kernels.quantize(w, 4, group)
     dequantized = kernels.dequantize(data, scales).double()
-    zero = scales.double().transpose(-3, -2).reshape(12, -1, 2)[..., 1].repeat_interleave(group, -1)  # [12, 768]
+    zero = kernels.row_scales(scales.double())[..., 1].repeat_interleave(group, -1)  # [48, 768]
     want = x_rounded_as_the_kernels_do(x).double() @ (dequantized - zero).T + x.double() @ zero.T
     got = check_each_loop(x, data, scales, want)
     assert rel_err(got, x.double() @ dequantized.T) < BF16_TOL
@@ -452,12 +454,13 @@ def test_bad_quantization_inputs_are_one_line(tmp_path, float_ckpt):
     save_file({k: v.clone() for k, v in tensors.items() if k != "llm.layers.0.attn.q_proj.scales"}, tmp_path / "q" / "model.safetensors")
     with pytest.raises(M.MedMoEError, match=r"missing tensor 'llm\.layers\.0\.attn\.q_proj\.scales'"):
         M.load_model(tmp_path / "q")
-    # an int4 checkpoint from before the tiled layout (its quant config has no int4_layout)
+    # int4 checkpoints in older layouts: before the tiled one (no int4_layout), and tiles of 4 rows (2)
     run("convert", tmp_path / "old4", "--model", float_ckpt, "--quantize", "int4", "--group-size", "32")
     config = json.loads((tmp_path / "old4" / "config.json").read_text())
-    del config["quant"]["int4_layout"]
-    (tmp_path / "old4" / "config.json").write_text(json.dumps(config))
-    clean_error(run("info", tmp_path / "old4"), "older layout", "re-run")
+    for layout in (None, 2):
+        quant = {k: v for k, v in config["quant"].items() if k != "int4_layout"} | ({"int4_layout": layout} if layout else {})
+        (tmp_path / "old4" / "config.json").write_text(json.dumps({**config, "quant": quant}))
+        clean_error(run("info", tmp_path / "old4"), "older layout", "re-run")
     # int4 on a matrix whose input size no group size divides
     model = tiny_model()
     model.cfg.llm.vocab_size = 256
