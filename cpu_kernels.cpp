@@ -239,10 +239,20 @@ static const TileRow int4_loops[] = {  // indexed as best_loop() counts
 #endif
 };
 
-// y [M, N] = x [M, K] @ w.T, w the int4 (data, scales) above. x and y are float32 (bf16 = 0) or
-// bf16 (bf16 = 1). loop: which of int4_loops[] (tests compare them), up to best_loop().
-extern "C" void int4_rows(const void* x, const uint8_t* data, const uint16_t* scales, void* y, int M, int N, int K, int g,
-                          int bf16, int threads, int loop) {
+// Several matrices that read the same x (q, k and v; gate and up) go through in one call: x is
+// rounded once, and one parallel loop runs over all their units (int4's tiles, int8's rows).
+// Unit u of the concatenation -> (its matrix, u within it).
+static inline int matrix_of(const std::vector<int>& units, int& u) {
+  int i = 0;
+  while (u >= units[i]) u -= units[i++];
+  return i;
+}
+
+// y[i] [M, N[i]] = x [M, K] @ w.T for each of the count int4 weights w = (data[i], scales[i]) above.
+// x and y are float32 (bf16 = 0) or bf16 (bf16 = 1). loop: which of int4_loops[] (tests compare
+// them), up to best_loop().
+extern "C" void int4_rows(const void* x, int count, const uint8_t* const* data, const uint16_t* const* scales, void* const* y,
+                          const int* N, int M, int K, int g, int bf16, int threads, int loop) {
   std::vector<int8_t> xq((size_t)M * K);
   std::vector<float> sx((size_t)M * K / 32), xsum((size_t)M * K / g);
   std::vector<int32_t> acc0((size_t)M * K / 32);
@@ -255,12 +265,16 @@ extern "C" void int4_rows(const void* x, const uint8_t* data, const uint16_t* sc
     rows[m] = {q, s, a, xs};
   });
   const TileRow tile_row = int4_loops[loop];
+  std::vector<int> tiles(count);
+  int total = 0;
+  for (int i = 0; i < count; i++) total += tiles[i] = N[i] / 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int t = 0; t < N / 16; t++) {
+  for (int u = 0; u < total; u++) {
+    int t = u, i = matrix_of(tiles, t);
     for (int m = 0; m < M; m++) {  // the tile stays in cache while each row of x passes through it
       float out[16];
-      tile_row(data + (size_t)t * 8 * K, scales + (size_t)t * 32 * (K / g), rows[m], K, g, out);
-      for (int r = 0; r < 16; r++) store(y, (size_t)m * N + 16 * t + r, out[r], bf16);
+      tile_row(data[i] + (size_t)t * 8 * K, scales[i] + (size_t)t * 32 * (K / g), rows[m], K, g, out);
+      for (int r = 0; r < 16; r++) store(y[i], (size_t)m * N[i] + 16 * t + r, out[r], bf16);
     }
   }
 }
@@ -329,9 +343,9 @@ static const Int8Row int8_loops[] = {
 #endif
 };
 
-// y [M, N] = x [M, K] @ w.T, w the int8 (data, scales) above, K a multiple of 64; otherwise as int4_rows
-extern "C" void int8_rows(const void* x, const int8_t* data, const uint16_t* scales, void* y, int M, int N, int K, int bf16,
-                          int threads, int loop) {
+// The same for int8 weights (data, scales) above, K a multiple of 64
+extern "C" void int8_rows(const void* x, int count, const int8_t* const* data, const uint16_t* const* scales, void* const* y,
+                          const int* N, int M, int K, int bf16, int threads, int loop) {
   std::vector<int16_t> xq((size_t)M * K);
   std::vector<float> sx((size_t)M * K / 32);
   std::vector<Int16Row> rows(M);
@@ -340,9 +354,15 @@ extern "C" void int8_rows(const void* x, const int8_t* data, const uint16_t* sca
     rows[m] = {&xq[(size_t)m * K], &sx[(size_t)m * K / 32]};
   });
   const Int8Row row = int8_loops[loop];
+  std::vector<int> units(N, N + count);
+  int total = 0;
+  for (int i = 0; i < count; i++) total += N[i];
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int n = 0; n < N; n++) {  // each thread streams its rows, one after another
-    for (int m = 0; m < M; m++) store(y, (size_t)m * N + n, row(data + (size_t)n * K, rows[m], K) * from_bf16(scales[n]), bf16);
+  for (int u = 0; u < total; u++) {  // each thread streams its rows, one after another
+    int n = u, i = matrix_of(units, n);
+    for (int m = 0; m < M; m++) {
+      store(y[i], (size_t)m * N[i] + n, row(data[i] + (size_t)n * K, rows[m], K) * from_bf16(scales[i][n]), bf16);
+    }
   }
 }
 

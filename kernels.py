@@ -391,8 +391,15 @@ def group_size(data, scales):
 
 
 def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] @ w.T (+ bias) for a quantized w. A few rows on CPU go through quant_rows, compiled
-    or not (without a C++ compiler int8 runs PyTorch's packed kernel, in bf16 where it is fast,
+    """x [..., K] @ w.T (+ bias) for a quantized w (data, scales)."""
+    return qlinears(x, [(data, scales, bias)])[0]
+
+
+def qlinears(x: Tensor, weights: list[tuple[Tensor, Tensor, Tensor | None]]) -> list[Tensor]:
+    """x [..., K] @ w.T (+ bias) for each quantized (w, scales, bias), all int8 or all int4. A few rows
+    on CPU go through quant_rows, all the weights in one call (q, k and v read the same x: the
+    StableLM-shape int4 step makes ~130 calls, not ~200; 24 layers' q, k and v took 7.2 ms against
+    8.0 one call each, eager), compiled or not (without a C++ compiler int8 runs PyTorch's packed kernel, in bf16 where it is fast,
     whatever x's dtype). There it beat inductor's fused loop too: with the fused loop for the one-row
     int8 products up to 4096 long, the StableLM-shape int8 model's step took 61-70 ms against 55-65,
     slower in 6 of 8 rounds alternating step by step (BENCHMARKS.md). A compiled CUDA decode step
@@ -404,18 +411,18 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
     int4 on CUDA, but it needs its own tiled layout (repacked at load) and one matrix per call (not
     the gathered experts), so it is not wired in yet."""
     x2 = x.reshape(-1, x.shape[-1])
-    rows, cpu, int8 = x2.shape[0], x.device.type == "cpu", data.dtype == torch.int8
+    rows, cpu, int8 = x2.shape[0], x.device.type == "cpu", weights[0][0].dtype == torch.int8
     kernel_max_rows = INT8_KERNEL_MAX_ROWS if int8 else INT4_KERNEL_MAX_ROWS
     if torch.compiler.is_compiling() and x.is_cuda and guard_or_false(rows <= FUSED_MAX_ROWS):
-        y = qdot_rows(x2, data, scales).to(x.dtype)
+        ys = [qdot_rows(x2, data, scales).to(x.dtype) for data, scales, _ in weights]
     elif cpu and rows <= kernel_max_rows and x.shape[-1] % 64 == 0 and has_cpu_kernels():
-        y = quant_rows(x2, data, scales)
+        ys = quant_rows(x2, [data for data, _, _ in weights], [scales for _, scales, _ in weights])
     elif cpu and int8 and rows <= INT8_KERNEL_MAX_ROWS:  # where cpu_kernels.cpp could not be built
-        y = torch._weight_int8pack_mm(x2.to(scales.dtype).contiguous(), data, scales).to(x.dtype)
+        ys = [torch._weight_int8pack_mm(x2.to(scales.dtype).contiguous(), data, scales).to(x.dtype) for data, scales, _ in weights]
     else:
-        y = F.linear(x2, dequantize(data, scales, x.dtype))
-    y = y.reshape(*x.shape[:-1], y.shape[-1])
-    return y if bias is None else y + bias
+        ys = [F.linear(x2, dequantize(data, scales, x.dtype)) for data, scales, _ in weights]
+    ys = [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+    return [y if bias is None else y + bias for y, (_, _, bias) in zip(ys, weights)]
 
 
 @functools.cache
@@ -445,8 +452,9 @@ def cpu_library():
             return None
         os.replace(tmp, path)  # atomic: another process building the same file at once is harmless
     library = ctypes.CDLL(path)
-    library.int4_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
-    library.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    pointers = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4  # x, count, data[], scales[], y[], N[]
+    library.int4_rows.argtypes = pointers + [ctypes.c_int] * 6
+    library.int8_rows.argtypes = pointers + [ctypes.c_int] * 5
     library.one_row_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
     library.best = library.best_loop()  # looked up once: quant_rows runs ~200 times a decoded token
     return library
@@ -466,37 +474,40 @@ def has_cpu_kernels() -> bool:
     return cpu_library() is not None
 
 
-def _quant_rows(x: Tensor, data: Tensor, scales: Tensor, loop: int = -1) -> Tensor:
-    """x [M, K] @ w.T -> [M, N] in x's dtype, for an int8 or int4 (data, scales) on a CPU: cpu_kernels.cpp,
-    x rounded to int16 (int8 weights) or int8 (int4 weights), a scale per 32 inputs, and multiplied in
-    integers. loop: 0 portable, 1 AVX2, 2 AVX512-VNNI, up to the best this CPU has (the default, -1)."""
+def _quant_rows(x: Tensor, data: list[Tensor], scales: list[Tensor], loop: int = -1) -> list[Tensor]:
+    """x [M, K] @ w.T -> [M, N] in x's dtype for each int8 or int4 w = (data[i], scales[i]) on a CPU, all of
+    one kind: cpu_kernels.cpp, x rounded to int16 (int8 weights) or int8 (int4 weights), a scale per 32
+    inputs, and multiplied in integers. Several weights (q, k and v) share one call: x is rounded once
+    and one parallel loop runs over them all. loop: 0 portable, 1 AVX2, 2 AVX512-VNNI, up to the best
+    this CPU has (the default, -1)."""
     if x.dtype not in (torch.float32, torch.bfloat16):
-        return _quant_rows(x.float(), data, scales, loop).to(x.dtype)
-    x, data, scales = x.contiguous(), data.contiguous(), scales.contiguous()
-    (M, K), N = x.shape, data.shape[-2]
-    y = x.new_empty(M, N)
+        return [y.to(x.dtype) for y in _quant_rows(x.float(), data, scales, loop)]
+    x, data, scales = x.contiguous(), [d.contiguous() for d in data], [s.contiguous() for s in scales]
+    (M, K), count, N = x.shape, len(data), [d.shape[-2] for d in data]
+    ys = [x.new_empty(M, n) for n in N]
     library, bf16, threads = cpu_library(), x.dtype == torch.bfloat16, torch.get_num_threads()
     loop = library.best if loop < 0 else loop
-    if data.dtype == torch.int8:
-        library.int8_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, bf16, threads, loop)
+    pointers = [(ctypes.c_void_p * count)(*(t.data_ptr() for t in ts)) for ts in (data, scales, ys)]
+    if data[0].dtype == torch.int8:
+        library.int8_rows(x.data_ptr(), count, *pointers, (ctypes.c_int * count)(*N), M, K, bf16, threads, loop)
     else:
-        library.int4_rows(x.data_ptr(), data.data_ptr(), scales.data_ptr(), y.data_ptr(), M, N, K, group_size(data, scales),
+        library.int4_rows(x.data_ptr(), count, *pointers, (ctypes.c_int * count)(*N), M, K, group_size(data[0], scales[0]),
                           bf16, threads, loop)
-    return y
+    return ys
 
 
 # quant_rows, opaque to torch.compile (one node in the decode graph). Defined through
-# torch.library.Library rather than custom_op (as expert_qmm is): a call costs 7.6 us against
-# custom_op's 17 (its wrappers), and a StableLM-shape int4 decode step makes ~200 of them.
+# torch.library.Library rather than custom_op: a call costs 7.6 us against
+# custom_op's 17 (its wrappers), and a StableLM-shape int4 decode step makes ~130 of them.
 _library = torch.library.Library("medmoe", "FRAGMENT")
-_library.define("quant_rows(Tensor x, Tensor data, Tensor scales, int loop=-1) -> Tensor")
+_library.define("quant_rows(Tensor x, Tensor[] data, Tensor[] scales, int loop=-1) -> Tensor[]")
 _library.impl("quant_rows", _quant_rows, "CPU")
 quant_rows = torch.ops.medmoe.quant_rows.default
 
 
 @torch.library.register_fake("medmoe::quant_rows")
 def _(x, data, scales, loop=-1):
-    return x.new_empty(x.shape[0], data.shape[-2])
+    return [x.new_empty(x.shape[0], d.shape[-2]) for d in data]
 
 
 def attention_kernel_takes(q: Tensor, k: Tensor, mask: Tensor) -> bool:
@@ -621,8 +632,7 @@ def _qlinear_expert(x, data, scales, e):
     return qlinear(x, w, scales[e])
 
 
-@torch.library.custom_op("medmoe::expert_qmm", mutates_args=())
-def _expert_qmm(x: Tensor, data: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
+def _expert_qmm_impl(x: Tensor, data: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
     """Row r of x through quantized expert ids[r]: x [R, K] -> [R, N], rows in any order. Opaque
     to torch.compile (one node, whatever the routing), so decoding stays one graph."""
     if x.shape[0] == 1:  # one decoded row, top-1: no grouping (~100 -> 30 us a call; int4 decoding 1.035x)
@@ -634,6 +644,11 @@ def _expert_qmm(x: Tensor, data: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
     return out
 
 
-@_expert_qmm.register_fake
+_library.define("expert_qmm(Tensor x, Tensor data, Tensor scales, Tensor ids) -> Tensor")
+_library.impl("expert_qmm", _expert_qmm_impl, "CompositeExplicitAutograd")  # as quant_rows: 36 calls a StableLM-shape step
+_expert_qmm = torch.ops.medmoe.expert_qmm.default
+
+
+@torch.library.register_fake("medmoe::expert_qmm")
 def _(x, data, scales, ids):
     return x.new_empty(x.shape[0], data.shape[-2])

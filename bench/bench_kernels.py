@@ -56,6 +56,9 @@ def candidates(N, K, M):
     one_row = torch.compile(kernels.linear, dynamic=False)  # the compiled decode step's kernel
     fused_row = torch.compile(lambda x, d, s: kernels.qdot_rows(x, d, s).to(x.dtype), dynamic=False)  # CUDA's form
     one_sum = torch.compile(lambda x, w: (x.unsqueeze(-2).float() * w.float()).sum(-1), dynamic=False)  # no pieces
+    def loop(x, q, i):  # quant_rows' loop i (0 portable, 1 AVX2) on one weight
+        return kernels.quant_rows(x, [q[0]], [q[1]], i)
+
     c = {  # name -> (bytes of one weight, the M calls)
         "fp32, F.linear (MKL)": (4, lambda: [F.linear(x32, w) for w in w32]),
         "bf16, F.linear (oneDNN)": (2, lambda: [F.linear(x16, w) for w in w16]),
@@ -63,13 +66,13 @@ def candidates(N, K, M):
         "bf16w (fp32 x), compiled one-row kernel": (2, lambda: [one_row(x32, w) for w in w16]),
         "bf16, compiled one-row kernel as one sum (not used)": (2, lambda: [one_sum(x16, w) for w in w16]),
         "bf16w (fp32 x), eager, upcast in 1024-row blocks": (2, lambda: [kernels.linear(x32, w) for w in w16]),
-        "int8, quant_rows (cpu_kernels.cpp, x rounded to int16)": (1, lambda: [kernels.quant_rows(x16, *q) for q in q8]),
-        "int8, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (1, lambda: [kernels.quant_rows(x16, *q, 1) for q in q8]),
-        "int8, quant_rows' portable loop (CPUs without AVX2)": (1, lambda: [kernels.quant_rows(x16, *q, 0) for q in q8]),
+        "int8, quant_rows (cpu_kernels.cpp, x rounded to int16)": (1, lambda: [kernels.qlinear(x16, *q) for q in q8]),
+        "int8, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (1, lambda: [loop(x16, q, 1) for q in q8]),
+        "int8, quant_rows' portable loop (CPUs without AVX2)": (1, lambda: [loop(x16, q, 0) for q in q8]),
         "int8, _weight_int8pack_mm (without a C++ compiler)": (1, lambda: [torch._weight_int8pack_mm(x16, *q) for q in q8]),
-        "int4 g64, quant_rows (cpu_kernels.cpp, x rounded to int8)": (0.5, lambda: [kernels.quant_rows(x16, *q) for q in q4]),
-        "int4 g64, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (0.5, lambda: [kernels.quant_rows(x16, *q, 1) for q in q4]),
-        "int4 g64, quant_rows' portable loop (CPUs without AVX2)": (0.5, lambda: [kernels.quant_rows(x16, *q, 0) for q in q4]),
+        "int4 g64, quant_rows (cpu_kernels.cpp, x rounded to int8)": (0.5, lambda: [kernels.qlinear(x16, *q) for q in q4]),
+        "int4 g64, quant_rows' AVX2 loop (CPUs without AVX512-VNNI)": (0.5, lambda: [loop(x16, q, 1) for q in q4]),
+        "int4 g64, quant_rows' portable loop (CPUs without AVX2)": (0.5, lambda: [loop(x16, q, 0) for q in q4]),
         "int4 g64, _weight_int4pack_mm_for_cpu (not used)": (
             0.5, lambda: [torch._weight_int4pack_mm_for_cpu(x16, d, 64, s) for d, s in torch_q4]),
         "int8 (fp32 x), compiled fused loop (qdot_rows; CUDA's form, not used on a CPU)": (1, lambda: [fused_row(x32, *q) for q in q8]),

@@ -207,7 +207,7 @@ def check_each_loop(x, data, scales, want):
     """quant_rows in each of its loops this CPU runs, against want up to float rounding; returns the last answer."""
     tol = 1e-5 if x.dtype == torch.float32 else 2**-8
     for loop in range(kernels.cpu_library().best_loop() + 1):
-        got = kernels.quant_rows(x, data, scales, loop)
+        got = kernels.quant_rows(x, [data], [scales], loop)[0]
         assert got.dtype == x.dtype and got.shape == (x.shape[0], data.shape[0])
         assert rel_err(got, want) < tol, loop
     return got
@@ -248,8 +248,23 @@ def test_int8_kernel_computes_int8_rounded_x_times_the_dequantized_weights(rows,
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quant_rows_opcheck(bits):
-    data, scales = kernels.quantize(torch.randn(16, 128), bits, 32)
-    torch.library.opcheck(kernels.quant_rows, (torch.randn(2, 128), data, scales))
+    (d1, s1), (d2, s2) = (kernels.quantize(torch.randn(n, 128), bits, 32) for n in (48, 16))
+    torch.library.opcheck(kernels.quant_rows, (torch.randn(2, 128), [d1, d2], [s1, s2]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_weights_in_one_quant_rows_call_equal_one_call_each(bits, dtype):
+    """q, k and v (of different sizes) share one call: x is rounded once, and each weight's rows come out
+    as they do alone, to the bit."""
+    g = torch.Generator().manual_seed(0)
+    weights = [kernels.quantize(torch.randn(n, 256, generator=g), bits, 64) for n in (64, 16, 48)]
+    x = torch.randn(3, 256, generator=g).to(dtype)
+    together = kernels.quant_rows(x, [d for d, _ in weights], [s for _, s in weights])
+    assert [y.shape for y in together] == [(3, 64), (3, 16), (3, 48)]
+    for (d, s), y in zip(weights, together):
+        assert torch.equal(y, kernels.quant_rows(x, [d], [s])[0])
 
 
 @pytest.mark.parametrize("cxx", ["/nonexistent/c++", "false"])  # no such program; a compiler that fails
