@@ -248,11 +248,14 @@ static inline int matrix_of(const std::vector<int>& units, int& u) {
   return i;
 }
 
-// y[i] [M, N[i]] = x [M, K] @ w.T for each of the count int4 weights w = (data[i], scales[i]) above.
-// x and y are float32 (bf16 = 0) or bf16 (bf16 = 1). loop: which of int4_loops[] (tests compare
-// them), up to best_loop().
-extern "C" void int4_rows(const void* x, int count, const uint8_t* const* data, const uint16_t* const* scales, void* const* y,
-                          const int* N, int M, int K, int g, int bf16, int threads, int loop) {
+// y[i] [M, N[i]] = x [M, K] @ w.T for each of the count int4 weights w = (data[i], scales[i]) above,
+// p = (data[0..count), scales[0..count), y[0..count)). x and y are float32 (bf16 = 0) or bf16
+// (bf16 = 1). loop: which of int4_loops[] (tests compare them), up to best_loop().
+extern "C" void int4_rows(const void* x, int count, void* const* p, const int* N, int M, int K, int g, int bf16, int threads,
+                          int loop) {
+  const uint8_t* const* data = (const uint8_t* const*)p;
+  const uint16_t* const* scales = (const uint16_t* const*)(p + count);
+  void* const* y = p + 2 * count;
   std::vector<int8_t> xq((size_t)M * K);
   std::vector<float> sx((size_t)M * K / 32), xsum((size_t)M * K / g);
   std::vector<int32_t> acc0((size_t)M * K / 32);
@@ -344,8 +347,10 @@ static const Int8Row int8_loops[] = {
 };
 
 // The same for int8 weights (data, scales) above, K a multiple of 64
-extern "C" void int8_rows(const void* x, int count, const int8_t* const* data, const uint16_t* const* scales, void* const* y,
-                          const int* N, int M, int K, int bf16, int threads, int loop) {
+extern "C" void int8_rows(const void* x, int count, void* const* p, const int* N, int M, int K, int bf16, int threads, int loop) {
+  const int8_t* const* data = (const int8_t* const*)p;
+  const uint16_t* const* scales = (const uint16_t* const*)(p + count);
+  void* const* y = p + 2 * count;
   std::vector<int16_t> xq((size_t)M * K);
   std::vector<float> sx((size_t)M * K / 32);
   std::vector<Int16Row> rows(M);

@@ -779,8 +779,8 @@ DECODE_COMPILE_OPTIONS = {"realize_acc_reads_threshold": 1, "size_asserts": Fals
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """Greedy at temperature 0; otherwise nucleus sampling over the smallest set with mass >= top_p."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+    if temperature <= 0:  # max's indices: the first largest as argmax's, but 88 us for 100k bf16 logits, not 361
+        return logits.max(-1).indices
     probs = (logits.float() / temperature).softmax(-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
