@@ -359,12 +359,14 @@ def _unpack_int4(data, dtype=torch.uint8):
     """Packed [..., N, K/2] -> the values 0..15 as dtype [..., N, K]."""
     *lead, N, half = data.shape
     tiles = data.reshape(*lead, N // 16, half // 16, 4, 16, 4).transpose(-4, -2).transpose(-3, -2)  # [..., N/16, 16, K/32, 4, 4]
-    tiles = tiles.flatten(-2)  # [..., N/16, 16, K/32, 16]: each row's block, its low nibbles' inputs first
     if torch.compiler.is_compiling():  # pure expressions, which inductor fuses into the kernel that reads them
-        return torch.stack([tiles & 15, tiles >> 4], -2).reshape(*lead, N, 2 * half).to(dtype)
-    out = data.new_empty((*lead, N // 16, 16, half // 16, 2, 16), dtype=dtype)  # each nibble written once, in place
-    out[..., 0, :].copy_(tiles & 15)
-    out[..., 1, :].copy_(tiles >> 4)
+        return torch.stack([tiles & 15, tiles >> 4], -3).reshape(*lead, N, 2 * half).to(dtype)
+    # Eager: the tiles' rows gathered as 4-byte words first (a gather of single bytes ran 4x slower)
+    words = data.view(torch.int32).reshape(*lead, N // 16, half // 16, 4, 16).movedim(-1, -3)  # [..., N/16, 16, K/32, 4]
+    tiles = words.contiguous().view(torch.uint8).unflatten(-1, (4, 4))  # [..., N/16, 16, K/32, 4, 4]
+    out = data.new_empty((*lead, N // 16, 16, half // 16, 2, 4, 4), dtype=dtype)  # each nibble written once, in place
+    out[..., 0, :, :].copy_(tiles & 15)  # a row's block: its 16 low nibbles' inputs, then the high ones'
+    out[..., 1, :, :].copy_(tiles >> 4)
     return out.view(*lead, N, 2 * half)
 
 
