@@ -399,16 +399,16 @@ def qlinear(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None = None)
 
 def qlinears(x: Tensor, weights: list[tuple[Tensor, Tensor, Tensor | None]]) -> list[Tensor]:
     """x [..., K] @ w.T (+ bias) for each quantized (w, scales, bias), all int8 or all int4. A few rows
-    on CPU go through quant_rows, all the weights in one call (q, k and v read the same x: the
-    StableLM-shape int4 step makes ~130 calls, not ~200; 24 layers' q, k and v took 7.2 ms against
-    8.0 one call each, eager), compiled or not (without a C++ compiler int8 runs PyTorch's packed kernel, in bf16 where it is fast,
-    whatever x's dtype). There it beat inductor's fused loop too: with the fused loop for the one-row
-    int8 products up to 4096 long, the StableLM-shape int8 model's step took 61-70 ms against 55-65,
-    slower in 6 of 8 rounds alternating step by step (BENCHMARKS.md). A compiled CUDA decode step
-    runs qdot_rows (one fused kernel) for up to FUSED_MAX_ROWS rows; other cases dequantise. On an
-    H200 (bench/bench_kernels.py --device cuda --shape 100352x2048 --matrices 4) that read int8
-    weights at 31% of the memory's ceiling, against cuBLAS's 90% on bf16: on a GPU
-    int8 and int4 save memory, not time. PyTorch's own CUDA kernels were measured too:
+    on CPU go through quant_rows, compiled or not, all the weights in one call (q, k and v read the
+    same x: the StableLM-shape int4 step makes ~130 calls, not ~200; 24 layers' q, k and v took 7.2
+    ms against 8.0 one call each, eager). There it beat inductor's fused loop too: with the fused loop
+    for the one-row int8 products up to 4096 long, the StableLM-shape int8 model's step took 61-70 ms
+    against 55-65, slower in 6 of 8 rounds alternating step by step (BENCHMARKS.md). Without a C++
+    compiler int8 runs PyTorch's packed kernel, in bf16 where it is fast, whatever x's dtype.
+    A compiled CUDA decode step runs qdot_rows (one fused kernel) for up to FUSED_MAX_ROWS rows;
+    other cases dequantise. On an H200 (bench/bench_kernels.py --device cuda --shape 100352x2048
+    --matrices 4) that read int8 weights at 31% of the memory's ceiling, against cuBLAS's 90% on
+    bf16: on a GPU int8 and int4 save memory, not time. PyTorch's own CUDA kernels were measured too:
     _weight_int8pack_mm read at 5%; tinygemm's _weight_int4pack_mm at 36%, 1.59x bf16, the lead for
     int4 on CUDA, but it needs its own tiled layout (repacked at load) and one matrix per call (not
     the gathered experts), so it is not wired in yet."""
@@ -458,7 +458,7 @@ def cpu_library():
     library.int4_rows.argtypes = pointers + [ctypes.c_int] * 6
     library.int8_rows.argtypes = pointers + [ctypes.c_int] * 5
     library.one_row_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
-    library.best = library.best_loop()  # looked up once: quant_rows runs ~200 times a decoded token
+    library.best = library.best_loop()  # looked up once: quant_rows runs ~130 times a decoded token
     return library
 
 
@@ -500,8 +500,8 @@ def _quant_rows(x: Tensor, data: list[Tensor], scales: list[Tensor], loop: int =
 
 
 # quant_rows, opaque to torch.compile (one node in the decode graph). Defined through
-# torch.library.Library rather than custom_op: a call costs 7.6 us against
-# custom_op's 17 (its wrappers), and a StableLM-shape int4 decode step makes ~130 of them.
+# torch.library.Library rather than custom_op: a call costs 7.6 us against custom_op's 17 (its
+# wrappers), and a StableLM-shape int4 decode step makes ~130 of them.
 _library = torch.library.Library("medmoe", "FRAGMENT")
 _library.define("quant_rows(Tensor x, Tensor[] data, Tensor[] scales, int loop=-1) -> Tensor[]")
 _library.impl("quant_rows", _quant_rows, "CPU")
