@@ -201,14 +201,15 @@ def ratios(threads, new_tokens, rounds, names, *ckpts):
         list(decoding(model, 2))  # compiles this model's decode step
     rows = []
     for _ in range(int(rounds)):
-        row = {"bandwidth": bandwidth_gbs(int(threads))}
+        row = {"bandwidth": bandwidth_gbs(int(threads)), "compute": compute_gflops(int(threads))}
         streams, seconds = [decoding(model, new_tokens) for model in models], [0.0] * len(models)
         for i in range(new_tokens):
             for j in [(i + k) % len(models) for k in range(len(models))]:
                 t0 = time.perf_counter()
                 next(streams[j])
                 seconds[j] += time.perf_counter() - t0
-        rows.append(row | {name: new_tokens / s for name, s in zip(names, seconds)})
+        after = {"bandwidth_after": bandwidth_gbs(int(threads)), "compute_after": compute_gflops(int(threads))}
+        rows.append(row | after | {name: new_tokens / s for name, s in zip(names, seconds)})
     return {"rows": rows, "decode_gb": {name: medmoe.decode_bytes(m) / 1e9 for name, m in zip(names, models)}}
 
 
@@ -334,6 +335,15 @@ def bandwidth_gbs(threads, device="cpu"):
     return x.numel() * 4 / best / 1e9
 
 
+def compute_gflops(threads):
+    """The cores' own speed, beside the memory's: 256x256 fp32 matmuls, which stay in cache (GFLOP/s,
+    best of 5). On this VM it moves apart from the memory's speed, and decoding follows both."""
+    torch.set_num_threads(threads)
+    a = torch.randn(256, 256)
+    best = min(timed(lambda: [a @ a for _ in range(100)]) for _ in range(5))
+    return 100 * 2 * 256**3 / best / 1e9
+
+
 def timed(fn, device="cpu"):
     sync(device)
     t0 = time.perf_counter()
@@ -400,12 +410,14 @@ def ratio_table(shape, dtypes, args, work):
           f"{args.new_tokens} tokens a round\n")
     print("each cell: tok/s (the multiple of bf16's in the same round; the fraction of the bandwidth limit, "
           f"GB read per token / the round's bandwidth). GB read per token: {', '.join(f'{d} {gb[d]:.2f}' for d in dtypes)}\n")
-    print("| round | bandwidth | " + " | ".join(dtypes) + " |\n|---|---|" + "---|" * len(dtypes))
+    print("the round's bandwidth and the cores' speed (fp32 matmuls in cache) were measured before and after its tokens\n")
+    print("| round | bandwidth (before / after) | cores | " + " | ".join(dtypes) + " |\n|---|---|---|" + "---|" * len(dtypes))
     cell = lambda row, d, speed: f"{speed:.2f} ({speed / row['bf16']:.2f}x, {speed * gb[d] / row['bandwidth']:.0%})"
     for i, row in enumerate(r["rows"], 1):
-        print(f"| {i} | {row['bandwidth']:.1f} GB/s | " + " | ".join(cell(row, d, row[d]) for d in dtypes) + " |")
+        print(f"| {i} | {row['bandwidth']:.1f} / {row['bandwidth_after']:.1f} GB/s | {row['compute']:.0f} / {row['compute_after']:.0f} "
+              "GFLOP/s | " + " | ".join(cell(row, d, row[d]) for d in dtypes) + " |")
     med = lambda f: statistics.median(f(row) for row in r["rows"])
-    print(f"| median | {med(lambda row: row['bandwidth']):.1f} GB/s | " + " | ".join(
+    print(f"| median | {med(lambda row: row['bandwidth']):.1f} GB/s | {med(lambda row: row['compute']):.0f} GFLOP/s | " + " | ".join(
         f"{med(lambda row: row[d]):.2f} ({med(lambda row: row[d] / row['bf16']):.2f}x, "
         f"{med(lambda row: row[d] * gb[d] / row['bandwidth']):.0%})" for d in dtypes) + " |", flush=True)
     for ckpt in ckpts.values():
