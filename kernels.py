@@ -484,13 +484,13 @@ def _quant_rows(x: Tensor, data: list[Tensor], scales: list[Tensor], loop: int =
     this CPU has (the default, -1)."""
     if x.dtype not in (torch.float32, torch.bfloat16):
         return [y.to(x.dtype) for y in _quant_rows(x.float(), data, scales, loop)]
-    x, count = x.contiguous(), len(data)
+    x, data, scales, count = x.contiguous(), [d.contiguous() for d in data], [s.contiguous() for s in scales], len(data)
     (M, K), N = x.shape, [d.shape[-2] for d in data]
     ys = [x.new_empty(M, n) for n in N]
     library, bf16, threads = cpu_library(), x.dtype == torch.bfloat16, torch.get_num_threads()
     loop = library.best if loop < 0 else loop
     # one array of pointers (data[], scales[], y[]): ~200 calls a token, and each ctypes object costs ~1 us
-    pointers = (ctypes.c_void_p * (3 * count))(*[t.contiguous().data_ptr() for t in (*data, *scales)], *[y.data_ptr() for y in ys])
+    pointers = (ctypes.c_void_p * (3 * count))(*[t.data_ptr() for t in (*data, *scales, *ys)])
     sizes = (ctypes.c_int * count)(*N)
     if data[0].dtype == torch.int8:
         library.int8_rows(x.data_ptr(), count, pointers, sizes, M, K, bf16, threads, loop)

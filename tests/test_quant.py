@@ -265,6 +265,8 @@ def test_several_weights_in_one_quant_rows_call_equal_one_call_each(bits, dtype)
     assert [y.shape for y in together] == [(3, 64), (3, 16), (3, 48)]
     for (d, s), y in zip(weights, together):
         assert torch.equal(y, kernels.quant_rows(x, [d], [s])[0])
+    strided = torch.cat([weights[0][0], weights[0][0]], -1)[:, : weights[0][0].shape[-1]]  # the same weight, not contiguous
+    assert not strided.is_contiguous() and torch.equal(kernels.quant_rows(x, [strided], [weights[0][1]])[0], together[0])
 
 
 @pytest.mark.parametrize("cxx", ["/nonexistent/c++", "false"])  # no such program; a compiler that fails
