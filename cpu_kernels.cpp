@@ -136,6 +136,13 @@ VECTORISE_ROUNDING static void quantize_row(const float* x, int K, int g, int8_t
   }
 }
 
+// Row i's sum over groups of zero * (x's sum over the group)
+static float zero_term(const uint16_t* sc, QuantizedRow x, int K, int g, int i) {
+  float sum = 0;
+  for (int gi = 0; gi < K / g; gi++) sum += from_bf16(sc[32 * gi + 16 + i]) * x.xsum[gi];
+  return sum;
+}
+
 // The arithmetic in plain C++: one 16-row tile times one row of x -> y[0..15]. Each block's integer
 // sums start from acc0 (-8 * the block's sum of xq), as the vector versions' do. (Written as
 // (q - 8) * xq instead, GCC 12 vectorised it with vpdpbusd, which takes q as unsigned: wrong sums.)
@@ -155,10 +162,7 @@ static void tile_row_portable(const uint8_t* w, const uint16_t* sc, QuantizedRow
     }
     for (int i = 0; i < 16; i++) acc[i] += from_bf16(sc[32 * (32 * b / g) + i]) * x.sx[b] * d[i];
   }
-  for (int i = 0; i < 16; i++) {
-    for (int gi = 0; gi < K / g; gi++) acc[i] += from_bf16(sc[32 * gi + 16 + i]) * x.xsum[gi];  // the zeros
-    y[i] = acc[i];
-  }
+  for (int i = 0; i < 16; i++) y[i] = acc[i] + zero_term(sc, x, K, g, i);
 }
 
 #if AVX2
@@ -185,9 +189,7 @@ static void tile_row_avx2(const uint8_t* w, const uint16_t* sc, QuantizedRow x, 
   }
   _mm256_storeu_ps(y, acc[0]);
   _mm256_storeu_ps(y + 8, acc[1]);
-  for (int i = 0; i < 16; i++) {
-    for (int gi = 0; gi < K / g; gi++) y[i] += from_bf16(sc[32 * gi + 16 + i]) * x.xsum[gi];
-  }
+  for (int i = 0; i < 16; i++) y[i] += zero_term(sc, x, K, g, i);
 }
 #endif
 

@@ -492,10 +492,16 @@ def _quant_rows(x: Tensor, data: list[Tensor], scales: list[Tensor], loop: int =
     # one array of pointers (data[], scales[], y[]): ~200 calls a token, and each ctypes object costs ~1 us
     pointers = (ctypes.c_void_p * (3 * count))(*[t.data_ptr() for t in (*data, *scales, *ys)])
     sizes = (ctypes.c_int * count)(*N)
+    # the loops read every weight with x's K (and int4's one group size): a mismatch would read past its end
     if data[0].dtype == torch.int8:
+        if any(d.shape[-1] != K for d in data):
+            raise ValueError(f"quant_rows: weights {[tuple(d.shape) for d in data]} for x with {K} inputs")
         library.int8_rows(x.data_ptr(), count, pointers, sizes, M, K, bf16, threads, loop)
     else:
-        library.int4_rows(x.data_ptr(), count, pointers, sizes, M, K, group_size(data[0], scales[0]), bf16, threads, loop)
+        groups = {group_size(d, s) for d, s in zip(data, scales)}
+        if len(groups) > 1 or any(2 * d.shape[-1] != K for d in data):
+            raise ValueError(f"quant_rows: int4 weights {[tuple(d.shape) for d in data]} (groups {groups}) for x with {K} inputs")
+        library.int4_rows(x.data_ptr(), count, pointers, sizes, M, K, groups.pop(), bf16, threads, loop)
     return ys
 
 

@@ -215,6 +215,14 @@ class Linear(nn.Linear):
         return kernels.linear(x, self.weight, self.bias)
 
 
+def project(x, *linears):
+    """x through several linears that read it (q, k and v; up and gate): one kernel call for all of
+    them where they are quantized alike (QuantLinear, kernels.qlinears), one call each otherwise."""
+    if all(isinstance(m, QuantLinear) for m in linears) and len({m.weight.dtype for m in linears}) == 1:
+        return kernels.qlinears(x, [(m.weight, m.scales, m.bias) for m in linears])
+    return [m(x) for m in linears]
+
+
 def make_norm(kind, dim, eps):
     return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
@@ -805,14 +813,6 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         return kernels.qlinear(x, self.weight, self.scales, self.bias)
-
-
-def project(x, *linears):
-    """x through several linears that read it (q, k and v; up and gate): one kernel call for all of
-    them where they are quantized alike (kernels.qlinears), one call each otherwise."""
-    if all(isinstance(m, QuantLinear) for m in linears) and len({m.weight.dtype for m in linears}) == 1:
-        return kernels.qlinears(x, [(m.weight, m.scales, m.bias) for m in linears])
-    return [m(x) for m in linears]
 
 
 def quantize(model: MedMoE, q: QuantConfig):

@@ -267,6 +267,14 @@ def test_several_weights_in_one_quant_rows_call_equal_one_call_each(bits, dtype)
         assert torch.equal(y, kernels.quant_rows(x, [d], [s])[0])
     strided = torch.cat([weights[0][0], weights[0][0]], -1)[:, : weights[0][0].shape[-1]]  # the same weight, not contiguous
     assert not strided.is_contiguous() and torch.equal(kernels.quant_rows(x, [strided], [weights[0][1]])[0], together[0])
+    # weights the loop cannot read with this x: another input size, another group size (int4)
+    wider = kernels.quantize(torch.randn(16, 512, generator=g), bits, 64)
+    with pytest.raises(ValueError, match="quant_rows"):
+        kernels.quant_rows(x, [weights[0][0], wider[0]], [weights[0][1], wider[1]])
+    if bits == 4:
+        coarser = kernels.quantize(torch.randn(16, 256, generator=g), 4, 128)
+        with pytest.raises(ValueError, match="groups"):
+            kernels.quant_rows(x, [weights[0][0], coarser[0]], [weights[0][1], coarser[1]])
 
 
 @pytest.mark.parametrize("cxx", ["/nonexistent/c++", "false"])  # no such program; a compiler that fails
